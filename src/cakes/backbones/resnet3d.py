@@ -1,0 +1,290 @@
+"""ResNet I3D-style video backbone (torchvision v1.5 layout) with an injected operator factory.
+
+Data flow (depth 50, width 1, 8×224² input)::
+
+    clip (N, 3, T, 224, 224)
+      └ stem: conv 1x7x7 /(1,2,2) → BN → ReLU → max-pool 1x3x3 /(1,2,2)     (N, 64, T, 56, 56)
+      └ layer1 … layer4: bottlenecks  1x1x1 → [slot: op 3x3 + BN] → 1x1x1   (N, 2048, T, 7, 7)
+            stride (1, 2, 2) on the slot of each stage's first block (layer2-4), never in time
+      └ head: spatial average per frame → dropout → Linear per frame → mean over frames
+                                                                            (N, num_classes)
+
+Only the middle conv of each bottleneck (``layer1.0`` … ``layer4.2``; for basic blocks both convs,
+``layer1.0.conv1`` / ``layer1.0.conv2``) is a slot built by the operator factory; every other conv
+is 2D-in-space with kT = 1, so ImageNet weights map one-to-one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cakes.ops.factory import OperatorFactory
+from cakes.ops.inflate import tile_input_channels
+
+BACKBONE_NAME = "resnet3d"
+
+#: depth -> (block kind, blocks per stage)
+RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+def _pointwise(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv3d:
+    return nn.Conv3d(in_channels, out_channels, kernel_size=1, stride=(1, stride, stride), bias=False)
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class Bottleneck(nn.Module):
+    """``1x1x1 → slot (3x3 op + BN) → 1x1x1`` with identity or projected shortcut."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        operator: OperatorFactory,
+    ) -> None:
+        super().__init__()
+        out_channels = planes * EXPANSION["bottleneck"]
+        self.conv1 = _pointwise(in_channels, planes)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.conv2 = operator(
+            layer=name, in_channels=planes, out_channels=planes, stride=(1, stride, stride), norm=nn.BatchNorm3d
+        )
+        self.conv3 = _pointwise(self.conv2.out_channels, out_channels)
+        self.bn3 = nn.BatchNorm3d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(_pointwise(in_channels, out_channels, stride), nn.BatchNorm3d(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.conv2(out))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class BasicBlock(nn.Module):
+    """``slot → slot`` (both 3x3 convs replaceable) with identity or projected shortcut."""
+
+    def __init__(self, *, name: str, in_channels: int, planes: int, stride: int, operator: OperatorFactory) -> None:
+        super().__init__()
+        self.conv1 = operator(
+            layer=f"{name}.conv1", in_channels=in_channels, out_channels=planes, stride=(1, stride, stride),
+            norm=nn.BatchNorm3d,
+        )
+        self.conv2 = operator(
+            layer=f"{name}.conv2", in_channels=self.conv1.out_channels, out_channels=planes, norm=nn.BatchNorm3d
+        )
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != planes or self.conv2.out_channels != planes:
+            self.downsample = nn.Sequential(_pointwise(in_channels, self.conv2.out_channels, stride),
+                                            nn.BatchNorm3d(self.conv2.out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.conv1(x))
+        return self.relu(self.conv2(out) + identity)
+
+
+@dataclass
+class InflationReport:
+    """What ImageNet initialisation did, by parameter name."""
+
+    loaded: list[str] = field(default_factory=list)
+    random_init: list[str] = field(default_factory=list)  # model params no source key fed
+    dropped: list[str] = field(default_factory=list)  # source keys deliberately unused (the 1000-way fc)
+
+    def summary(self) -> str:
+        return (
+            f"ImageNet init: {len(self.loaded)} source tensors loaded, {len(self.dropped)} dropped "
+            f"({', '.join(self.dropped) or 'none'}); kept random: {', '.join(self.random_init) or 'none'}"
+        )
+
+
+class ResNet3d(nn.Module):
+    """3D ResNet for clip classification; see the module docstring for the data flow.
+
+    ``(N, 3, T, H, W) -> (N, num_classes)`` logits (mean of per-frame logits).
+    """
+
+    name = BACKBONE_NAME
+
+    def __init__(
+        self,
+        *,
+        operator: OperatorFactory,
+        depth: int = 50,
+        width: float = 1.0,
+        num_classes: int = 174,
+        dropout: float = 0.3,
+        in_channels: int = 3,
+        pretrained: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if depth not in RESNET_DEPTHS:
+            raise ValueError(f"resnet3d depth must be one of {sorted(RESNET_DEPTHS)}, got {depth}")
+        if width <= 0:
+            raise ValueError(f"resnet3d width multiplier must be positive, got {width}")
+        self.depth, self.width, self.num_classes = depth, width, num_classes
+        kind, blocks = RESNET_DEPTHS[depth]
+        block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
+        operator.bind(BACKBONE_NAME, self.slots(depth=depth, width=width))
+
+        stem = _scaled(64, width)
+        self.conv1 = nn.Conv3d(in_channels, stem, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False)
+        self.bn1 = nn.BatchNorm3d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        channels = stem
+        for stage, n_blocks in enumerate(blocks):
+            planes = _scaled(64 * 2**stage, width)
+            layer = []
+            for i in range(n_blocks):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                layer.append(
+                    block_cls(name=f"layer{stage + 1}.{i}", in_channels=channels, planes=planes, stride=stride,
+                              operator=operator)
+                )
+                channels = planes * EXPANSION[kind]
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*layer))
+        self.feature_channels = channels
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels, num_classes)
+        self._init_weights()
+        self.inflation: InflationReport | None = None
+        if pretrained:
+            self.inflation = self.load_imagenet(pretrained)
+
+    @staticmethod
+    def slots(*, depth: int, width: float) -> dict[str, int]:
+        """Replaceable convs ``{layer name: output width}`` in module order."""
+        kind, blocks = RESNET_DEPTHS[depth]
+        slots: dict[str, int] = {}
+        for stage, n_blocks in enumerate(blocks):
+            planes = _scaled(64 * 2**stage, width)
+            for i in range(n_blocks):
+                name = f"layer{stage + 1}.{i}"
+                if kind == "bottleneck":
+                    slots[name] = planes
+                else:
+                    slots[f"{name}.conv1"] = planes
+                    slots[f"{name}.conv2"] = planes
+        return slots
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm3d,)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.fc.weight, 0.0, 0.001)
+        nn.init.zeros_(self.fc.bias)
+
+    def features(self, x: Tensor) -> Tensor:
+        """``(N, 3, T, H, W) -> (N, C, T, H/32, W/32)``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.features(x).mean(dim=(3, 4)).transpose(1, 2)  # (N, T, C)
+        logits = self.fc(self.dropout(feats))  # (N, T, classes), fc per frame
+        return logits.mean(dim=1)
+
+    # ImageNet initialisation -------------------------------------------------------------------
+    def load_imagenet(self, source: str | Path | Mapping[str, Tensor]) -> InflationReport:
+        """Initialise from a torchvision-format 2D ResNet state dict (a local file or a mapping).
+
+        Stem and 1x1 convs get kT = 1; each slot inflates its conv2 rows by the CAKES rules and
+        loads its BN (a supernet slot repeats them per candidate); an aggregating conv fed by a
+        widened slot is tiled along its input. The 1000-way fc is dropped. Every source key must
+        be used and fit, else ``ValueError`` naming the keys.
+        """
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"ImageNet weights not found: {path} (set backbone.pretrained to a local file)")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+                state = state["state_dict"]
+        else:
+            state = dict(source)
+        state = {k.removeprefix("module."): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+        report = InflationReport()
+        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        fed: set[str] = set()
+        unused = set(state)
+        problems: list[str] = []
+
+        def take(key: str) -> Tensor:
+            unused.discard(key)
+            report.loaded.append(key)
+            return state[key]
+
+        def copy_into(target: str, value: Tensor) -> None:
+            if target not in own:
+                problems.append(f"{target}: no such tensor in the model")
+                return
+            if own[target].shape != value.shape:
+                problems.append(f"{target}: model {tuple(own[target].shape)} vs source {tuple(value.shape)}")
+                return
+            with torch.no_grad():
+                own[target].copy_(value)
+            fed.add(target)
+
+        def bn_state(prefix: str) -> dict[str, Tensor]:
+            return {n: take(f"{prefix}.{n}") for n in ("weight", "bias", "running_mean", "running_var")
+                    if f"{prefix}.{n}" in state}
+
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Conv3d) and f"{name}.weight" in state:
+                w = take(f"{name}.weight")
+                if w.dim() == 4:
+                    w = w.unsqueeze(2)
+                times = module.in_channels // w.shape[1] if w.shape[1] else 1
+                if times > 1 and module.in_channels == times * w.shape[1]:
+                    w = tile_input_channels(w, times)  # aggregating conv after a widened supernet slot
+                copy_into(f"{name}.weight", w)
+            elif isinstance(module, nn.BatchNorm3d) and f"{name}.weight" in state:
+                for key, value in bn_state(name).items():
+                    copy_into(f"{name}.{key}", value)
+            elif hasattr(module, "inflate_from_2d") and f"{name}.weight" in state:
+                bn_prefix = re.sub(r"conv(\d+)$", r"bn\1", name)
+                if bn_prefix == name or f"{bn_prefix}.weight" not in state:
+                    problems.append(f"{name}: no matching BN in the source for this slot")
+                    continue
+                try:
+                    loaded = module.inflate_from_2d(take(f"{name}.weight"), bn_state(bn_prefix))
+                except (ValueError, RuntimeError) as err:
+                    problems.append(f"{name}: {err}")
+                    continue
+                fed.update(f"{name}.{k}" for k in loaded)
+        for key in ("fc.weight", "fc.bias"):
+            if key in unused:
+                unused.discard(key)
+                report.dropped.append(key)
+        if unused:
+            problems.append(f"source keys not used: {sorted(unused)}")
+        if problems:
+            raise ValueError("ImageNet initialisation failed:\n  " + "\n  ".join(problems))
+        report.random_init = [k for k, _ in self.named_parameters() if k not in fed]
+        return report

@@ -1,0 +1,26 @@
+"""The CAKES operator library shared by every backbone (video and volumetric)."""
+
+from cakes.ops.conv import CakesConv3d
+from cakes.ops.factory import ConvNorm, Derived, Homogeneous, OperatorFactory
+from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d, SubKernelConv3d
+from cakes.ops.inflate import inflate_2d, inflate_2d_grouped, tile_input_channels
+from cakes.ops.subkernel import OP_SETS, OpSet, SubKernel, parse_counts, resolve_op_set
+
+__all__ = [
+    "CakesConv3d",
+    "ConvNorm",
+    "Derived",
+    "HOMOGENEOUS_OPS",
+    "Homogeneous",
+    "HomogeneousConv3d",
+    "OP_SETS",
+    "OpSet",
+    "OperatorFactory",
+    "SubKernel",
+    "SubKernelConv3d",
+    "inflate_2d",
+    "inflate_2d_grouped",
+    "parse_counts",
+    "resolve_op_set",
+    "tile_input_channels",
+]
