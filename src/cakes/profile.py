@@ -153,13 +153,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     followed by one JSON line with ``params``, ``macs`` and ``input_shape``."""
     import sys
 
-    from cakes.config import compose_train_config
-    from cakes.builders import build_network, input_shape_from_config, views_from_config
+    from cakes.config import compose_train_config, input_shape_from_config, views_from_config
+    from cakes.modules.base import build_network
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     cfg = compose_train_config(overrides)
     with torch.device("meta"):
-        net = build_network(cfg, pretrained=False)
+        net = build_network(cfg.model.net, pretrained=False)
     result = profile(net, input_shape_from_config(cfg), views=views_from_config(cfg))
     print(result.table())
     print(json.dumps(result.as_dict()))

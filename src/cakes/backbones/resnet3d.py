@@ -278,6 +278,11 @@ class ResNet3d(nn.Module):
                     problems.append(f"{name}: {err}")
                     continue
                 fed.update(f"{name}.{k}" for k in loaded)
+        slot_prefixes = tuple(f"{n}." for n, m in self.named_modules() if hasattr(m, "inflate_from_2d"))
+        not_fed = [k for k in own if k not in fed and not k.startswith(("fc.", *slot_prefixes))
+                   and not k.endswith("num_batches_tracked")]
+        if not_fed:
+            problems.append(f"model tensors missing from the source: {not_fed}")
         for key in ("fc.weight", "fc.bias"):
             if key in unused:
                 unused.discard(key)

@@ -1,12 +1,28 @@
 """The CAKES operator library shared by every backbone (video and volumetric)."""
 
 from cakes.ops.conv import CakesConv3d
-from cakes.ops.factory import ConvNorm, Derived, Homogeneous, OperatorFactory
+from cakes.ops.factory import ConvNorm, Derived, Homogeneous, OperatorFactory, Uniform, uniform_counts
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d, SubKernelConv3d
+from cakes.ops.search import (
+    ChannelSampler,
+    CostPriority,
+    CostPrioritySlot,
+    PerformancePriority,
+    PerformancePrioritySlot,
+    SearchSlot,
+    search_slots,
+)
 from cakes.ops.inflate import inflate_2d, inflate_2d_grouped, tile_input_channels
 from cakes.ops.subkernel import OP_SETS, OpSet, SubKernel, parse_counts, resolve_op_set
 
 __all__ = [
+    "ChannelSampler",
+    "CostPriority",
+    "CostPrioritySlot",
+    "PerformancePriority",
+    "PerformancePrioritySlot",
+    "SearchSlot",
+    "search_slots",
     "CakesConv3d",
     "ConvNorm",
     "Derived",
@@ -23,4 +39,6 @@ __all__ = [
     "parse_counts",
     "resolve_op_set",
     "tile_input_channels",
+    "Uniform",
+    "uniform_counts",
 ]

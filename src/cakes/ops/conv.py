@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cakes.ops.functional import Stride, as_triple, subkernel_conv
+from cakes.ops.functional import Stride, as_triple, cakes_conv3d
 from cakes.ops.inflate import inflate_2d_grouped
 from cakes.ops.subkernel import SubKernel, parse_counts
 
@@ -83,13 +83,8 @@ class CakesConv3d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C_in, T, H, W) -> (N, C_out, T', H', W')``."""
-        outputs = [
-            subkernel_conv(x, self.weights[sub.name], sub, self.stride) for sub in self.subkernels
-        ]
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1, 1)
-        return out
+        weights = [self.weights[sub.name] for sub in self.subkernels]
+        return cakes_conv3d(x, weights, self.subkernels, self.stride, self.bias)
 
     @classmethod
     def from_dense(

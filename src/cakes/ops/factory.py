@@ -24,6 +24,7 @@ from cakes import arch as arch_io  # module import: cakes.arch itself imports ca
 from cakes.ops.conv import CakesConv3d
 from cakes.ops.functional import Stride
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d
+from cakes.ops.subkernel import OpSet, resolve_op_set
 
 if TYPE_CHECKING:
     from cakes.arch import Arch
@@ -114,3 +115,27 @@ class Derived(OperatorFactory):
 
     def __repr__(self) -> str:
         return f"Derived(backbone={self.arch.backbone!r}, op_set={self.arch.op_set!r}, layers={len(self.arch.layers)})"
+
+
+def uniform_counts(op_set: OpSet, channels: int) -> dict[str, int]:
+    """Split ``channels`` over the op set's sub-kernels as evenly as possible (earlier ones get
+    the remainder), in op-set order."""
+    base, extra = divmod(channels, len(op_set))
+    return {name: base + (i < extra) for i, name in enumerate(op_set.names)}
+
+
+class Uniform(OperatorFactory):
+    """The paper's manual setting: every slot is a :class:`CakesConv3d` whose channels are split
+    evenly over the op set's sub-kernels (e.g. ``c12d`` at 64 channels: 32 × 1x3x3, 32 × 3x1x1)."""
+
+    def __init__(self, op_set: str | list[str] | Mapping[str, Any]) -> None:
+        self.op_set = resolve_op_set(op_set)
+
+    def __call__(
+        self, *, layer: str, in_channels: int, out_channels: int, norm: NormFactory, stride: Stride = 1
+    ) -> nn.Module:
+        conv = CakesConv3d(in_channels, uniform_counts(self.op_set, out_channels), stride=stride)
+        return ConvNorm(conv, norm(out_channels))
+
+    def __repr__(self) -> str:
+        return f"Uniform({self.op_set.name!r})"

@@ -1,0 +1,63 @@
+"""Config access shared by the entry points: where ``conf/`` lives, composing without a run
+(for ``python -m cakes.profile``), and facts derived from a composed config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def operator_mode(target: str) -> str:
+    """``${operator_mode:${operator._target_}}`` → ``cost`` | ``performance`` | ``fixed`` (for run names)."""
+    from hydra.utils import get_class
+
+    return getattr(get_class(target), "search_mode", None) or "fixed"
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers used by the configs (idempotent)."""
+    if not OmegaConf.has_resolver("operator_mode"):
+        OmegaConf.register_new_resolver("operator_mode", operator_mode)
+
+
+def conf_dir() -> Path:
+    """The project's ``conf/`` (``$CAKES_CONF_DIR`` overrides; default: next to ``src/``)."""
+    env = os.environ.get("CAKES_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "train.yaml").is_file():
+        raise FileNotFoundError(f"cannot find the cakes configs (train.yaml) in {path}; set CAKES_CONF_DIR")
+    return path
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with command-line style overrides, outside a Hydra run.
+
+    ``paths.output_dir`` (a Hydra run-time value) is set to a placeholder so the tree resolves.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    OmegaConf.set_struct(cfg, False)
+    cfg.paths.output_dir = "<no run directory>"
+    return cfg
+
+
+def compose_train_config(overrides: Sequence[str] = ()) -> DictConfig:
+    return compose_config("train", overrides)
+
+
+def input_shape_from_config(cfg: DictConfig) -> tuple[int, ...]:
+    """One view's input, batch axis included: ``(1, *model.input_shape)``."""
+    return (1, *(int(s) for s in cfg.model.input_shape))
+
+
+def views_from_config(cfg: DictConfig) -> int:
+    """Views per test sample (temporal clips × spatial crops for video; 1 otherwise)."""
+    data = cfg.get("data") or {}
+    return int(data.get("test_clips", 1)) * int(data.get("test_crops", 1))

@@ -1,0 +1,131 @@
+"""What the video and the volumetric LightningModules share: building the network from its
+config, the optimiser with decay-free norms and biases, linear lr scaling by the global batch,
+self-describing checkpoints, and the model's params/MACs logged at the start of a run."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cakes.ops.search import calibrate_macs_costs
+
+log = logging.getLogger(__name__)
+
+
+def plain(cfg: Any) -> Any:
+    """OmegaConf node -> plain python containers (resolved)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
+    """Instantiate a network config (``_target_`` tree: backbone with its operator factory).
+
+    ``pretrained=False`` drops any ImageNet path (for counting, or when a checkpoint will
+    supply the weights).
+    """
+    spec = dict(plain(net))
+    if not pretrained and "pretrained" in spec:
+        spec["pretrained"] = None
+    return instantiate(spec, _convert_="all")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: decayed weights, and decay-free norm parameters and biases (every 0/1-D tensor)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class CakesModule(pl.LightningModule):
+    """Base LightningModule.
+
+    Args:
+        net: the network config (``_target_`` tree), stored in the checkpoint so that
+            ``load_from_checkpoint(path)`` rebuilds the architecture with no other config.
+        optimizer: ``{name: sgd, lr, momentum, weight_decay, nesterov}``; ``lr`` is the rate at
+            ``base_batch_size`` and is scaled linearly to the run's global batch.
+        scheduler: subclass-specific schedule settings.
+        base_batch_size: the global batch at which ``optimizer.lr`` is given.
+        input_shape: one view's input shape without the batch axis (for params/MACs logging).
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        base_batch_size: int,
+        input_shape: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {"net": plain(net), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
+             "base_batch_size": base_batch_size, "input_shape": plain(input_shape)}
+        )
+        self.net = build_network(self.hparams.net)
+        if input_shape:
+            calibrate_macs_costs(self.net, list(input_shape))
+
+    # --- batch size and learning rate -----------------------------------------------------------
+    def global_batch_size(self) -> int:
+        """Per-device batch × devices × nodes × gradient accumulation."""
+        datamodule = self.trainer.datamodule
+        per_device = int(getattr(datamodule, "batch_size"))
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def scaled_lr(self) -> float:
+        opt = self.hparams.optimizer
+        return float(opt["lr"]) * self.global_batch_size() / float(self.hparams.base_batch_size)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        opt = dict(self.hparams.optimizer)
+        name = opt.pop("name", "sgd")
+        if name != "sgd":
+            raise ValueError(f"optimizer.name: only 'sgd' (the papers' recipe) is supported, got {name!r}")
+        lr = self.scaled_lr()
+        log.info("lr %.5g = %.5g x global batch %d / %d", lr, opt["lr"], self.global_batch_size(),
+                 self.hparams.base_batch_size)
+        return torch.optim.SGD(
+            parameter_groups(self.net, float(opt["weight_decay"])),
+            lr=lr,
+            momentum=float(opt.get("momentum", 0.9)),
+            nesterov=bool(opt.get("nesterov", False)),
+        )
+
+    # --- checkpoints describe themselves -------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the weights are in the checkpoint: never re-read ImageNet files when it is reloaded
+        hparams = checkpoint.get("hyper_parameters", {})
+        if isinstance(hparams.get("net"), dict) and "pretrained" in hparams["net"]:
+            hparams["net"] = {**hparams["net"], "pretrained": None}
+        checkpoint["cakes"] = {
+            "backbone": getattr(self.net, "name", type(self.net).__name__),
+            "input_shape": self.hparams.input_shape,
+        }
+
+    def on_fit_start(self) -> None:
+        if self.hparams.input_shape and self.trainer.is_global_zero:
+            from cakes.profile import profile
+
+            with torch.device("meta"):  # same architecture, no memory, no compute
+                net = build_network(self.hparams.net, pretrained=False)
+            result = profile(net, (1, *self.hparams.input_shape))
+            log.info("model: %s params, %.3f GMACs per view at %s", f"{result.params:,}", result.macs / 1e9,
+                     tuple(self.hparams.input_shape))
+            for logger in self.loggers:
+                logger.log_hyperparams({"model/params": result.params, "model/gmacs": result.macs / 1e9})

@@ -1,0 +1,316 @@
+"""Search-time operators (supernet slots) and their factories; separate from the derived
+:class:`~cakes.ops.conv.CakesConv3d` they export to.
+
+Both slots hold every candidate sub-kernel with the full ``C_out`` outputs (one
+:class:`CakesConv3d` whose counts are all ``C_out``) and ONE norm over the ``n·C_out`` (op, channel)
+pairs, whose ``|γ|`` are the path weights. Entry ``k·C_out + c`` belongs to op ``k``, channel ``c``.
+
+* :class:`CostPrioritySlot` runs all candidates in parallel and emits all ``n·C_out`` channels;
+  the next conv aggregates them. A cost-weighted L1 on ``γ`` (:class:`cakes.callbacks.CostLasso`)
+  makes expensive paths pay.
+* :class:`PerformancePrioritySlot` samples, each training step, ``C_out`` of the pairs and computes
+  only those (sliced weights, sliced norm with its running statistics written back), emitting
+  ``C_out`` channels. In eval mode it runs its current selection (by the selection rule).
+
+A *selection* is a list of ``C_out`` pairs in output order: ``ops[j]``, ``channels[j]``.
+Rules: ``layer_topk`` (the authors' code: the top ``C_out`` |γ| of the layer, counts only, pairs
+in op-major order) and ``channel_argmax`` (the paper's wording: per output channel, the op with
+the largest |γ|; output position = channel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cakes.ops.conv import CakesConv3d
+from cakes.ops.factory import ConvNorm, NormFactory, OperatorFactory
+from cakes.ops.functional import Stride, subkernel_conv
+from cakes.ops.subkernel import OpSet, resolve_op_set
+
+SELECTION_RULES = ("layer_topk", "channel_argmax")
+SAMPLING_MODES = ("per_channel", "pair_subset")
+COST_KINDS = ("volume", "macs", "latency")
+
+
+def cost_shares(op_set: OpSet, cost: str | Mapping[str, float] = "volume") -> list[float]:
+    """Per-op lasso weights ``w_k``: the op's share of the layer's cost.
+
+    ``"volume"``: kernel volume shares (27:9:3 → 9/13, 3/13, 1/13; 27:9 → 3/4, 1/4). Within one
+    layer every candidate has the same fan-in and output resolution, so MACs shares are the same
+    numbers; ``"macs"`` additionally scales each layer by its MACs (see :func:`calibrate_macs_costs`).
+    A mapping ``{sub-kernel: measured latency}`` gives latency shares.
+    """
+    if isinstance(cost, Mapping):
+        missing = [n for n in op_set.names if n not in cost]
+        if missing:
+            raise ValueError(f"latency table {dict(cost)} has no entry for {missing} (op set {op_set.name})")
+        raw = [float(cost[n]) for n in op_set.names]
+        if any(v <= 0 for v in raw):
+            raise ValueError(f"latency table entries must be positive, got {dict(cost)}")
+    elif cost in ("volume", "macs"):
+        raw = [float(sub.volume) for sub in op_set]
+    else:
+        raise ValueError(f"search cost must be one of {COST_KINDS[:2]} or a latency table mapping, got {cost!r}")
+    total = sum(raw)
+    return [v / total for v in raw]
+
+
+class SearchSlot(nn.Module):
+    """Common state of a supernet slot: candidates, path-weight norm, selection, export."""
+
+    search_mode: str = ""
+
+    def __init__(
+        self, *, layer: str, in_channels: int, out_channels: int, op_set: OpSet, norm: NormFactory, stride: Stride
+    ) -> None:
+        super().__init__()
+        self.layer, self.op_set = layer, op_set
+        self.in_channels, self.width = in_channels, out_channels
+        self.candidates = CakesConv3d(in_channels, {name: out_channels for name in op_set.names}, stride=stride)
+        self.norm = norm(len(op_set) * out_channels)
+        if not hasattr(self.norm, "weight") or self.norm.weight is None:
+            raise ValueError(f"layer {layer!r}: the slot's norm needs an affine weight (the path weights γ)")
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.op_set)
+
+    def path_weights(self) -> Tensor:
+        """``|γ|`` as ``(n_ops, C_out)``."""
+        return self.norm.weight.detach().abs().view(self.num_ops, self.width)
+
+    def select(self, rule: str) -> tuple[Tensor, Tensor]:
+        """The selection ``(ops, channels)``, each ``(C_out,)`` long, in output order."""
+        weights = self.path_weights()
+        if rule == "layer_topk":
+            entries = torch.topk(weights.flatten(), self.width, sorted=False).indices.sort().values
+            return entries // self.width, entries % self.width
+        if rule == "channel_argmax":
+            return weights.argmax(dim=0), torch.arange(self.width, device=weights.device)
+        raise ValueError(f"selection rule must be one of {SELECTION_RULES}, got {rule!r}")
+
+    def counts(self, rule: str) -> dict[str, int]:
+        """Channels per sub-kernel under ``rule`` (op-set order; zeros kept)."""
+        ops, _ = self.select(rule)
+        per_op = torch.bincount(ops.cpu(), minlength=self.num_ops).tolist()
+        return dict(zip(self.op_set.names, per_op))
+
+    def inflate_from_2d(self, weight: Tensor, norm_state: Mapping[str, Tensor]) -> list[str]:
+        """Supernet ImageNet init: every candidate from all ``C_out`` rows; the BN repeated per op."""
+        loaded = self.candidates.inflate_from_2d(weight.repeat(self.num_ops, 1, 1, 1))
+        self.norm.load_state_dict({k: v.repeat(self.num_ops) for k, v in norm_state.items()})
+        return [f"candidates.{n}" for n in loaded] + [f"norm.{k}" for k in norm_state]
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}, op_set={self.op_set.name}, width={self.width}"
+
+
+class CostPrioritySlot(SearchSlot):
+    """All candidates in parallel → norm over ``n·C_out``.
+
+    ``(N, C_in, T, H, W) -> (N, n·C_out, T', H', W')``; the next conv aggregates.
+    ``cost_weights`` (buffer, ``(n·C_out,)``) holds each path's lasso weight ``w_k``.
+    """
+
+    search_mode = "cost"
+
+    def __init__(self, *, cost: str | Mapping[str, float] = "volume", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cost = cost
+        shares = torch.tensor(cost_shares(self.op_set, cost))
+        self.register_buffer("cost_weights", shares.repeat_interleave(self.width))
+        self.out_channels = self.num_ops * self.width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.candidates(x))
+
+
+class ChannelSampler:
+    """Draws the pairs a performance-priority slot computes at a training step.
+
+    ``per_channel`` (the paper): each output channel picks one op uniformly.
+    ``pair_subset`` (the authors' code): a uniform subset of ``C_out`` of the ``n·C_out`` pairs,
+    in op-major order. One generator (CPU) is shared by all slots of a network; reseed it per DDP
+    rank with :meth:`seed`; its state goes into checkpoints.
+    """
+
+    def __init__(self, mode: str = "per_channel", seed: int = 0) -> None:
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+        self.mode = mode
+        self.generator = torch.Generator()
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(int(seed))
+
+    def sample(self, num_ops: int, width: int) -> tuple[Tensor, Tensor]:
+        if self.mode == "per_channel":
+            ops = torch.randint(num_ops, (width,), generator=self.generator)
+            return ops, torch.arange(width)
+        entries = torch.randperm(num_ops * width, generator=self.generator)[:width].sort().values
+        return entries // width, entries % width
+
+
+class PerformancePrioritySlot(SearchSlot):
+    """Samples ``C_out`` (op, channel) pairs per training step and computes only those.
+
+    ``(N, C_in, T, H, W) -> (N, C_out, T', H', W')``. In eval mode it runs :meth:`select` under
+    ``selection`` (deterministic), which is what :meth:`derive` exports.
+    """
+
+    search_mode = "performance"
+
+    def __init__(self, *, sampler: ChannelSampler, selection: str = "channel_argmax", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if selection not in SELECTION_RULES:
+            raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
+        self.sampler, self.selection = sampler, selection
+        self.out_channels = self.width
+        if not isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"layer {self.layer!r}: performance-priority slots need a BatchNorm (sliced per step)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            ops, channels = self.sampler.sample(self.num_ops, self.width)
+        else:
+            ops, channels = self.select(self.selection)
+        return self.run_pairs(x, ops.to(x.device), channels.to(x.device))
+
+    def run_pairs(self, x: Tensor, ops: Tensor, channels: Tensor) -> Tensor:
+        """Compute output position ``j`` as op ``ops[j]`` on channel ``channels[j]``, then the
+        norm entries ``ops·C_out + channels`` (running statistics updated in place)."""
+        outputs, positions = [], []
+        for k, sub in enumerate(self.op_set.subkernels):
+            pos = (ops == k).nonzero().squeeze(1)
+            if pos.numel() == 0:
+                continue
+            weight = self.candidates.weights[sub.name].index_select(0, channels[pos])
+            outputs.append(subkernel_conv(x, weight, sub, self.candidates.stride))
+            positions.append(pos)
+        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        order = torch.cat(positions)
+        if not bool((order[1:] > order[:-1]).all()):
+            out = out.index_select(1, torch.argsort(order))
+        return self._sliced_norm(out, ops * self.width + channels)
+
+    def _sliced_norm(self, x: Tensor, entries: Tensor) -> Tensor:
+        bn = self.norm
+        use_batch_stats = self.training or not bn.track_running_stats
+        mean = var = None
+        if bn.track_running_stats:
+            mean, var = bn.running_mean[entries], bn.running_var[entries]
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        out = F.batch_norm(x, mean, var, bn.weight[entries], bn.bias[entries], use_batch_stats, momentum, bn.eps)
+        if self.training and bn.track_running_stats:
+            with torch.no_grad():  # write the updated statistics back (indexing made copies)
+                bn.running_mean.index_copy_(0, entries, mean)
+                bn.running_var.index_copy_(0, entries, var)
+        return out
+
+    def derive(self, rule: str | None = None) -> tuple[ConvNorm, Tensor]:
+        """The derived slot of the current selection and the channel order it emits:
+        ``supernet_eval(x)[:, order] == derived(x)`` (the derived conv groups channels by op)."""
+        ops, channels = self.select(rule or self.selection)
+        counts = {name: int((ops == k).sum()) for k, name in enumerate(self.op_set.names)}
+        conv = CakesConv3d(self.in_channels, counts, stride=self.candidates.stride)
+        bn = type(self.norm)(self.width, eps=self.norm.eps, momentum=self.norm.momentum)
+        order = torch.cat([(ops == k).nonzero().squeeze(1) for k in range(self.num_ops)])
+        entries = (ops * self.width + channels)[order]
+        with torch.no_grad():
+            for k, sub in enumerate(self.op_set.subkernels):
+                rows = channels[order][ops[order] == k]
+                if rows.numel():
+                    conv.weights[sub.name].copy_(self.candidates.weights[sub.name][rows])
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(getattr(self.norm, name)[entries])
+        return ConvNorm(conv, bn), order
+
+
+# --- factories ------------------------------------------------------------------------------------
+class CostPriority(OperatorFactory):
+    """Every slot a :class:`CostPrioritySlot` over ``op_set`` with lasso weights by ``cost``."""
+
+    search_mode = "cost"
+
+    def __init__(self, op_set: str | Sequence[str] | Mapping[str, Any], cost: str | Mapping[str, float] = "volume"):
+        self.op_set = resolve_op_set(op_set)
+        if isinstance(cost, Mapping):
+            cost = {str(k): float(v) for k, v in cost.items()}
+        cost_shares(self.op_set, cost)  # validate now, before any layer is built
+        self.cost = cost
+
+    def __call__(
+        self, *, layer: str, in_channels: int, out_channels: int, norm: NormFactory, stride: Stride = 1
+    ) -> nn.Module:
+        return CostPrioritySlot(layer=layer, in_channels=in_channels, out_channels=out_channels,
+                                op_set=self.op_set, norm=norm, stride=stride, cost=self.cost)
+
+
+class PerformancePriority(OperatorFactory):
+    """Every slot a :class:`PerformancePrioritySlot`, all sharing one :class:`ChannelSampler`."""
+
+    search_mode = "performance"
+
+    def __init__(
+        self,
+        op_set: str | Sequence[str] | Mapping[str, Any],
+        sampling: str = "per_channel",
+        selection: str = "channel_argmax",
+        seed: int = 0,
+    ) -> None:
+        self.op_set = resolve_op_set(op_set)
+        self.sampler = ChannelSampler(sampling, seed)
+        if selection not in SELECTION_RULES:
+            raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
+        self.selection = selection
+
+    def __call__(
+        self, *, layer: str, in_channels: int, out_channels: int, norm: NormFactory, stride: Stride = 1
+    ) -> nn.Module:
+        return PerformancePrioritySlot(layer=layer, in_channels=in_channels, out_channels=out_channels,
+                                       op_set=self.op_set, norm=norm, stride=stride, sampler=self.sampler,
+                                       selection=self.selection)
+
+
+def search_slots(module: nn.Module) -> list[SearchSlot]:
+    """Every supernet slot of a network, in module order."""
+    return [m for m in module.modules() if isinstance(m, SearchSlot)]
+
+
+@torch.no_grad()
+def calibrate_macs_costs(net: nn.Module, input_shape: Sequence[int]) -> None:
+    """For ``cost: macs`` slots, scale each layer's volume shares by that layer's MACs per output
+    channel at its real resolution (``C_in · Σ_k vol_k · output voxels``), normalised so the
+    layers average 1 — expensive layers (high resolution, wide fan-in) pay more per path."""
+    slots = [s for s in search_slots(net) if isinstance(s, CostPrioritySlot) and s.cost == "macs"]
+    if not slots:
+        return
+    import copy
+
+    shadow = copy.deepcopy(net).to("meta")
+    voxels: dict[str, int] = {}
+    hooks = [
+        slot.register_forward_hook(lambda m, _i, out: voxels.__setitem__(m.layer, out[0, 0].numel()))
+        for slot in search_slots(shadow)
+    ]
+    was_training = shadow.training
+    shadow.eval()
+    shadow(torch.zeros(1, *input_shape, device="meta"))
+    shadow.train(was_training)
+    for h in hooks:
+        h.remove()
+    per_layer = {s.layer: s.in_channels * sum(sub.volume for sub in s.op_set) * voxels[s.layer] for s in slots}
+    mean = sum(per_layer.values()) / len(per_layer)
+    for slot in slots:
+        shares = torch.tensor(cost_shares(slot.op_set, "volume")) * (per_layer[slot.layer] / mean)
+        slot.cost_weights.copy_(shares.repeat_interleave(slot.width).to(slot.cost_weights))

@@ -1,0 +1,189 @@
+"""Search-time operators: the lasso, performance-priority sampling/eval/derive, selection rules,
+supernet ImageNet initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cakes.callbacks.supernet import apply_lasso, step_seed
+from cakes.ops import (
+    OP_SETS,
+    ChannelSampler,
+    CostPriority,
+    CostPrioritySlot,
+    PerformancePriority,
+    PerformancePrioritySlot,
+    inflate_2d,
+)
+from cakes.ops.search import cost_shares
+
+
+def cost_slot(op_set="c123d", width=4, in_channels=3, cost="volume") -> CostPrioritySlot:
+    return CostPriority(op_set, cost=cost)(layer="l", in_channels=in_channels, out_channels=width,
+                                           norm=nn.BatchNorm3d)
+
+
+def perf_slot(op_set="c123d", width=6, in_channels=3, sampling="per_channel", selection="channel_argmax"):
+    factory = PerformancePriority(op_set, sampling=sampling, selection=selection, seed=0)
+    return factory(layer="l", in_channels=in_channels, out_channels=width, norm=nn.BatchNorm3d)
+
+
+def test_cost_shares_follow_kernel_volume():
+    assert cost_shares(OP_SETS["c123d"]) == pytest.approx([9 / 13, 3 / 13, 1 / 13])
+    assert cost_shares(OP_SETS["c23d"]) == pytest.approx([3 / 4, 1 / 4])
+    assert cost_shares(OP_SETS["c12d"]) == pytest.approx([3 / 4, 1 / 4])
+    assert cost_shares(OP_SETS["c12d"], {"1x3x3": 2.0, "3x1x1": 2.0}) == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"no entry for \['3x1x1'\]"):
+        cost_shares(OP_SETS["c12d"], {"1x3x3": 1.0})
+
+
+def test_cost_slot_shapes():
+    slot = cost_slot(width=4)
+    assert slot.out_channels == 12 and slot.norm.num_features == 12
+    out = slot(torch.randn(2, 3, 4, 6, 6))
+    assert out.shape == (2, 12, 4, 6, 6)
+    assert slot.cost_weights.tolist() == pytest.approx([9 / 13] * 4 + [3 / 13] * 4 + [1 / 13] * 4)
+
+
+def test_lasso_changes_only_operator_gamma_grads_by_exactly_s_w_sign():
+    torch.manual_seed(0)
+    slot = cost_slot(width=4)
+    head = nn.Sequential(nn.Conv3d(12, 5, 1), nn.BatchNorm3d(5))
+    net = nn.Sequential(slot, nn.ReLU(), head)
+    with torch.no_grad():
+        slot.norm.weight.copy_(torch.randn(12))  # mixed signs
+    x = torch.randn(2, 3, 4, 6, 6)
+
+    def grads():
+        net.zero_grad()
+        net(x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    before = grads()
+    grads()  # recompute to put fresh grads in place
+    strength = 0.37
+    assert apply_lasso(net, strength) == 1
+    after = {n: p.grad.clone() for n, p in net.named_parameters()}
+    gamma = slot.norm.weight.detach()
+    for name in before:
+        if name == "0.norm.weight":
+            expected = before[name] + strength * slot.cost_weights * torch.sign(gamma)
+            torch.testing.assert_close(after[name], expected, atol=1e-7, rtol=0)
+            assert not torch.allclose(after[name], before[name])
+        else:
+            torch.testing.assert_close(after[name], before[name], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rule", ["layer_topk", "channel_argmax"])
+def test_selection_rules_on_hand_set_gammas(rule):
+    slot = cost_slot(op_set="c123d", width=4)
+    gamma = torch.tensor([
+        # 3x3x3 per channel
+        0.9, 0.1, 0.8, 0.05,
+        # 1x3x3
+        0.2, 0.7, 0.85, 0.1,
+        # 3x1x1
+        -0.3, 0.6, 0.0, -0.95,
+    ])
+    with torch.no_grad():
+        slot.norm.weight.copy_(gamma)
+    counts = slot.counts(rule)
+    if rule == "layer_topk":  # top 4 |γ|: 0.95(1D), 0.9(3D), 0.85(2D), 0.8(3D)
+        assert counts == {"3x3x3": 2, "1x3x3": 1, "3x1x1": 1}
+    else:  # per channel argmax: c0 3D, c1 2D, c2 2D, c3 1D
+        assert counts == {"3x3x3": 1, "1x3x3": 2, "3x1x1": 1}
+    assert sum(counts.values()) == 4
+
+
+def test_samplers_draw_valid_selections():
+    sampler = ChannelSampler("per_channel", seed=1)
+    ops, channels = sampler.sample(3, 10)
+    assert channels.tolist() == list(range(10)) and ops.min() >= 0 and ops.max() < 3
+    sampler = ChannelSampler("pair_subset", seed=1)
+    ops, channels = sampler.sample(3, 10)
+    entries = ops * 10 + channels
+    assert len(set(entries.tolist())) == 10 and entries.tolist() == sorted(entries.tolist())
+    a = ChannelSampler("per_channel", seed=5).sample(3, 50)[0]
+    b = ChannelSampler("per_channel", seed=5).sample(3, 50)[0]
+    assert torch.equal(a, b)
+    assert step_seed(0, 0, 0, 1) != step_seed(0, 1, 0, 1)  # ranks draw different streams
+
+
+@pytest.mark.parametrize("sampling", ["per_channel", "pair_subset"])
+def test_performance_slot_training_computes_sampled_pairs_and_updates_bn(sampling):
+    torch.manual_seed(0)
+    slot = perf_slot(sampling=sampling, width=6)
+    x = torch.randn(4, 3, 3, 5, 5)
+    slot.sampler.seed(123)
+    ops, channels = ChannelSampler(sampling, 123).sample(3, 6)
+    out = slot(x)
+    assert out.shape == (4, 6, 3, 5, 5)
+    # output j is op ops[j] on channel channels[j], batch-normalised with its own entry
+    for j in range(6):
+        sub = slot.op_set.subkernels[int(ops[j])]
+        w = slot.candidates.weights[sub.name][int(channels[j])].unsqueeze(0)
+        ref = torch.nn.functional.conv3d(x, w, padding=sub.padding)
+        ref = (ref - ref.mean()) / torch.sqrt(ref.var(unbiased=False) + slot.norm.eps)
+        torch.testing.assert_close(out[:, j : j + 1], ref, atol=1e-4, rtol=1e-4)
+    # running statistics of exactly the sampled entries moved (the authors' code lost them)
+    entries = set((ops * 6 + channels).tolist())
+    moved = {i for i in range(18) if slot.norm.running_mean[i] != 0}
+    assert moved == entries
+    assert int(slot.norm.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("sampling, rule", [("per_channel", "channel_argmax"), ("pair_subset", "layer_topk"),
+                                            ("per_channel", "layer_topk")])
+def test_performance_slot_eval_is_deterministic_and_equals_derived(sampling, rule):
+    torch.manual_seed(0)
+    slot = perf_slot(sampling=sampling, selection=rule, width=6)
+    x = torch.randn(2, 3, 4, 5, 5)
+    slot.train()
+    for _ in range(3):  # populate running statistics
+        slot(x)
+    with torch.no_grad():
+        slot.norm.weight.copy_(torch.randn(18))
+    slot.eval()
+    a, b = slot(x), slot(x)
+    assert torch.equal(a, b)
+    derived, order = slot.derive()
+    derived.eval()
+    torch.testing.assert_close(derived(x), a[:, order], atol=1e-5, rtol=1e-5)
+    assert derived.conv.counts == slot.counts(rule)
+
+
+def test_performance_step_costs_like_the_derived_width():
+    """Only C_out rows are convolved per step (not n·C_out)."""
+    from cakes.profile import profile
+
+    slot = perf_slot(width=8, in_channels=4)
+    slot.train()
+    macs = profile(slot, (1, 4, 4, 6, 6)).macs  # profile runs eval: the current selection
+    counts = slot.counts("channel_argmax")
+    expected = 4 * 6 * 6 * 4 * sum({"3x3x3": 27, "1x3x3": 9, "3x1x1": 3}[k] * n for k, n in counts.items())
+    assert macs == expected
+
+
+def test_supernet_imagenet_init_each_op_from_all_rows():
+    slot = cost_slot(op_set="c123d", width=4, in_channels=3)
+    w2d = torch.randn(4, 3, 3, 3)
+    bn = {"weight": torch.rand(4), "bias": torch.randn(4), "running_mean": torch.randn(4), "running_var": torch.rand(4)}
+    loaded = slot.inflate_from_2d(w2d, bn)
+    for name in ("3x3x3", "1x3x3", "3x1x1"):
+        torch.testing.assert_close(slot.candidates.weights[name], inflate_2d(w2d, name))
+    torch.testing.assert_close(slot.norm.weight, bn["weight"].repeat(3))
+    assert "norm.running_var" in loaded and "candidates.weights.3x1x1" in loaded
+
+
+def test_bad_search_settings_raise():
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        PerformancePriority("c12d", sampling="random")
+    with pytest.raises(ValueError, match="selection must be one of"):
+        PerformancePriority("c12d", selection="best")
+    with pytest.raises(ValueError, match="search cost must be"):
+        CostPriority("c12d", cost="flops")
+    slot = cost_slot()
+    with pytest.raises(ValueError, match="selection rule must be one of"):
+        slot.counts("best")
