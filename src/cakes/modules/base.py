@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -35,7 +36,13 @@ def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
     spec = dict(plain(net))
     if not pretrained and "pretrained" in spec:
         spec["pretrained"] = None
-    return instantiate(spec, _convert_="all")
+    try:
+        return instantiate(spec, _convert_="all")
+    except InstantiationException as err:
+        # surface our own clear errors (bad arch, missing weights file) rather than Hydra's wrapper
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
+            raise err.__cause__ from None
+        raise
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -172,8 +172,9 @@ class PerformancePrioritySlot(SearchSlot):
             raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
         self.sampler, self.selection = sampler, selection
         self.out_channels = self.width
-        if not isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(f"layer {self.layer!r}: performance-priority slots need a BatchNorm (sliced per step)")
+        if not isinstance(self.norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            raise ValueError(f"layer {self.layer!r}: performance-priority slots slice a BatchNorm or InstanceNorm, "
+                             f"got {type(self.norm).__name__}")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -201,6 +202,8 @@ class PerformancePrioritySlot(SearchSlot):
 
     def _sliced_norm(self, x: Tensor, entries: Tensor) -> Tensor:
         bn = self.norm
+        if isinstance(bn, nn.modules.instancenorm._InstanceNorm) and not bn.track_running_stats:
+            return F.instance_norm(x, None, None, bn.weight[entries], bn.bias[entries], True, 0.0, bn.eps)
         use_batch_stats = self.training or not bn.track_running_stats
         mean = var = None
         if bn.track_running_stats:
@@ -223,7 +226,8 @@ class PerformancePrioritySlot(SearchSlot):
         ops, channels = self.select(rule or self.selection)
         counts = {name: int((ops == k).sum()) for k, name in enumerate(self.op_set.names)}
         conv = CakesConv3d(self.in_channels, counts, stride=self.candidates.stride)
-        bn = type(self.norm)(self.width, eps=self.norm.eps, momentum=self.norm.momentum)
+        bn = type(self.norm)(self.width, eps=self.norm.eps, momentum=self.norm.momentum, affine=True,
+                             track_running_stats=self.norm.track_running_stats)
         order = torch.cat([(ops == k).nonzero().squeeze(1) for k in range(self.num_ops)])
         entries = (ops * self.width + channels)[order]
         with torch.no_grad():
@@ -232,7 +236,8 @@ class PerformancePrioritySlot(SearchSlot):
                 if rows.numel():
                     conv.weights[sub.name].copy_(self.candidates.weights[sub.name][rows])
             for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(bn, name).copy_(getattr(self.norm, name)[entries])
+                if getattr(self.norm, name, None) is not None:
+                    getattr(bn, name).copy_(getattr(self.norm, name)[entries])
         return ConvNorm(conv, bn), order
 
 
