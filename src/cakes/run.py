@@ -104,4 +104,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if trainer.is_global_zero:
         write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        for callback in callbacks:
+            command = getattr(callback, "retrain_command", None)
+            if command:  # a search: say exactly how to retrain what it found
+                write_atomic(output_dir / "retrain_command.txt", command + "\n")
+                print(f"\nFound architecture: {callback.export_path}\nRetrain it with:\n  {command}\n", flush=True)
     return metrics

@@ -93,11 +93,16 @@ class BasicBlock(nn.Module):
         self.conv2 = operator(
             layer=f"{name}.conv2", in_channels=self.conv1.out_channels, out_channels=planes, norm=nn.BatchNorm3d
         )
+        if self.conv2.out_channels != planes:
+            raise ValueError(
+                f"{name}.conv2 emits {self.conv2.out_channels} channels for {planes}: a cost-priority slot needs an "
+                "aggregating conv after it, but a basic block's second conv feeds the residual sum; "
+                "search on bottleneck ResNets (depth 50/101)"
+            )
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
-        if stride != 1 or in_channels != planes or self.conv2.out_channels != planes:
-            self.downsample = nn.Sequential(_pointwise(in_channels, self.conv2.out_channels, stride),
-                                            nn.BatchNorm3d(self.conv2.out_channels))
+        if stride != 1 or in_channels != planes:
+            self.downsample = nn.Sequential(_pointwise(in_channels, planes, stride), nn.BatchNorm3d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)

@@ -106,8 +106,7 @@ class CakesPruneCallback(pl.Callback):
         folder = self.arch_dir / "arch"
         i = 0
         while True:
-            path = folder / (self.name if i == 0 else f"{self.name}_{i}")
-            path = path.with_suffix(".yaml")
+            path = folder / (f"{self.name}.yaml" if i == 0 else f"{self.name}_{i}.yaml")  # names may hold dots
             if not path.exists():
                 return path
             try:
@@ -155,7 +154,7 @@ class CakesPruneCallback(pl.Callback):
             self.export_path = self._target(run_dir)
         header = f"Found by a CAKES search in {run_dir}\nRetrain: {self.retrain} arch={self.export_path.stem}"
         save_arch(arch, self.export_path, header=header)
-        save_arch(arch, Path(run_dir) / "arch" / f"{self.export_path.stem}.yaml", header=header)
+        save_arch(arch, Path(run_dir) / "arch" / self.export_path.name, header=header)
         self.retrain_command = f"{self.retrain} arch={self.export_path.stem}"
         log.info("found architecture written to %s (%s)", self.export_path,
                  ", ".join(f"{k}={v}" for k, v in cost.items()))
