@@ -125,12 +125,17 @@ def test_kill_during_export_leaves_no_partial_file(tmp_path):
     assert load_arch(target) == tiny_arch()
 
 
+def test_basic_blocks_refuse_widened_slots():
+    with pytest.raises(ValueError, match="layer1.0.conv2 emits 32 channels for 16.*bottleneck"):
+        ResNet3d(operator=CostPriority("c12d"), depth=18, width=0.25)
+
+
 def test_found_arch_from_a_supernet_and_plot(tmp_path):
-    net = ResNet3d(operator=CostPriority("c12d"), depth=18, width=0.25, num_classes=5)
+    net = ResNet3d(operator=CostPriority("c12d"), depth=50, width=0.125, num_classes=5)
     arch = found_arch(net, "layer_topk", {"k": 1})
     assert arch.backbone == "resnet3d" and arch.op_set == "c12d"
-    assert list(arch.layers) == list(ResNet3d.slots(depth=18, width=0.25))
-    derived = ResNet3d(operator=Derived(arch), depth=18, width=0.25, num_classes=5)  # validates
+    assert list(arch.layers) == list(ResNet3d.slots(depth=50, width=0.125))
+    derived = ResNet3d(operator=Derived(arch), depth=50, width=0.125, num_classes=5)  # validates
     assert derived(torch.randn(1, 3, 2, 32, 32)).shape == (1, 5)
     png = plot_arch(arch, tmp_path / "arch.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
