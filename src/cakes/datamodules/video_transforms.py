@@ -1,8 +1,9 @@
 """TSN-style temporal sampling and clip transforms for video classification.
 
-Frames travel as ``uint8`` arrays ``(T, H, W, 3)`` until :func:`to_normalized_clip` turns
-them into the float ``(3, T, H, W)`` tensor the network sees. Every random draw takes an
-explicit ``torch.Generator`` (``None`` = torch's global RNG), so augmentation is reproducible.
+Frames stay ``uint8`` through cropping, resizing (bilinear, antialiased, channels-last: the
+fast CPU path) and flipping; :func:`to_normalized_clip` then makes the float ``(3, T, H, W)``
+tensor the network sees. Every random draw takes an explicit ``torch.Generator`` (``None`` =
+torch's global RNG), so augmentation is reproducible.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch.nn import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1) * 255.0
+_STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1) * 255.0
 
 #: TSN's multi-scale crop scales (fractions of the short side).
 TSN_SCALES = (1.0, 0.875, 0.75, 0.66)
@@ -90,12 +93,7 @@ def multiscale_crop_sizes(
     """
     base = min(height, width)
     sizes = [max(1, int(base * s)) for s in scales]
-    return [
-        (h, w)
-        for i, h in enumerate(sizes)
-        for j, w in enumerate(sizes)
-        if abs(i - j) <= max_distort
-    ]
+    return [(h, w) for i, h in enumerate(sizes) for j, w in enumerate(sizes) if abs(i - j) <= max_distort]
 
 
 def fixed_crop_offsets(height: int, width: int, crop_h: int, crop_w: int) -> list[tuple[int, int]]:
@@ -124,16 +122,19 @@ def sample_multiscale_crop(
     return CropBox(top, left, crop_h, crop_w)
 
 
-def resize_short_side(clip: Tensor, short_side: int) -> Tensor:
-    """Resize ``(T, 3, H, W)`` float frames so ``min(H, W) == short_side`` (aspect kept)."""
-    height, width = clip.shape[-2:]
-    if height <= width:
-        size = (short_side, int(width * short_side / height))
-    else:
-        size = (int(height * short_side / width), short_side)
-    if size == (height, width):
+def resize(clip: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear (antialiased) resize of ``uint8 (T, 3, H, W)`` frames to ``size = (h, w)``."""
+    if tuple(clip.shape[-2:]) == size:
         return clip
     return F.interpolate(clip, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_short_side(clip: Tensor, short_side: int) -> Tensor:
+    """Resize ``uint8 (T, 3, H, W)`` frames so ``min(H, W) == short_side`` (aspect kept)."""
+    height, width = clip.shape[-2:]
+    if height <= width:
+        return resize(clip, (short_side, int(width * short_side / height)))
+    return resize(clip, (int(height * short_side / width), short_side))
 
 
 def eval_crop_boxes(height: int, width: int, crop_size: int, num_crops: int) -> list[CropBox]:
@@ -146,13 +147,13 @@ def eval_crop_boxes(height: int, width: int, crop_size: int, num_crops: int) -> 
     if num_crops == 3:
         if height > width:
             return [CropBox(t, left, crop_size, crop_size) for t in (0, top, height - crop_size)]
-        return [CropBox(top, l, crop_size, crop_size) for l in (0, left, width - crop_size)]
+        return [CropBox(top, x, crop_size, crop_size) for x in (0, left, width - crop_size)]
     raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
 
 
 def frames_to_tensor(frames: np.ndarray) -> Tensor:
-    """``uint8 (T, H, W, 3)`` -> ``float32 (T, 3, H, W)`` in ``[0, 255]``."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    """``uint8 (T, H, W, 3)`` -> ``uint8 (T, 3, H, W)``, channels-last (a view, no copy)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
 
 
 def crop(clip: Tensor, box: CropBox) -> Tensor:
@@ -161,10 +162,9 @@ def crop(clip: Tensor, box: CropBox) -> Tensor:
 
 
 def to_normalized_clip(clip: Tensor) -> Tensor:
-    """``float (T, 3, H, W)`` in ``[0, 255]`` -> ImageNet-normalised ``(3, T, H, W)``."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
-    return ((clip - mean) / std).permute(1, 0, 2, 3).contiguous()
+    """``uint8 (T, 3, H, W)`` -> ImageNet-normalised contiguous ``float32 (3, T, H, W)``."""
+    out = clip.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)
+    return out.sub_(_MEAN_255).div_(_STD_255)
 
 
 def train_transform(
@@ -183,26 +183,24 @@ def train_transform(
         drawn last, so with the same RNG state the crop is the same whether ``flip`` is on.
     """
     box = sample_multiscale_crop(frames.shape[1], frames.shape[2], scales, generator)
-    rows, cols = slice(box.top, box.top + box.height), slice(box.left, box.left + box.width)
-    clip = frames_to_tensor(frames[:, rows, cols])  # crop the uint8 frames before converting
-    clip = F.interpolate(clip, size=(crop_size, crop_size), mode="bilinear", align_corners=False, antialias=True)
+    clip = resize(crop(frames_to_tensor(frames), box), (crop_size, crop_size))
     flipped = flip and bool(torch.rand((), generator=generator) < 0.5)
     if flipped:
         clip = clip.flip(-1)
     return to_normalized_clip(clip), flipped
 
 
-def eval_transform(frames: np.ndarray, crop_size: int, short_side: int, num_crops: int = 1) -> Tensor:
+def eval_views(frames: np.ndarray, crop_size: int, short_side: int, num_crops: int = 1) -> list[Tensor]:
     """Resize the short side, take ``num_crops`` square crops, normalise.
 
     Args:
         frames: ``uint8 (T, H, W, 3)``.
     Returns:
-        float ``(num_crops, 3, T, crop_size, crop_size)``.
+        ``num_crops`` float tensors ``(3, T, crop_size, crop_size)``.
     """
     clip = resize_short_side(frames_to_tensor(frames), short_side)
     boxes = eval_crop_boxes(clip.shape[-2], clip.shape[-1], crop_size, num_crops)
-    return torch.stack([to_normalized_clip(crop(clip, box)) for box in boxes])
+    return [to_normalized_clip(crop(clip, box)) for box in boxes]
 
 
 # --------------------------------------------------------------------------- labels

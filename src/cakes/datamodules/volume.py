@@ -1,0 +1,315 @@
+"""What the CT segmentation data modules share: case lists checked at setup, a train/val split by
+case id that is written to the run directory (and can be given back), MONAI pipelines, caching,
+loaders and the evaluation protocol they report.
+
+Train batches (``list_data_collate``)::
+
+    image: float (B, 1, D, H, W)   B = batch_size = volumes per step × crops_per_volume
+    label: long  (B, 1, D, H, W)
+
+Validation / test batches (one whole volume on the ``spacing`` grid)::
+
+    image: MetaTensor float (1, 1, D, H, W)   .affine (1, 4, 4), .meta["filename_or_obj"]
+    label: MetaTensor long  (1, 1, D, H, W)
+    original_label: MetaTensor long (1, 1, X, Y, Z)   the label as stored (eval_space="original")
+    case: [case id]    index: long (1,)  position of the case in the split (DDP dedup key)
+
+The held-out split serves as both validation and test set (MSD's own test images have no labels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset
+
+from cakes.datamodules.volume_transforms import check_grids, eval_transforms, train_transforms
+
+EVAL_SPACES = ("original", "resampled")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled volume: id, image (NIfTI file or DICOM series folder), label (NIfTI)."""
+
+    case: str
+    image: Path
+    label: Path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+
+
+class VolumeDataModule(pl.LightningDataModule):
+    """Base of :class:`~cakes.datamodules.msd.MSDDataModule` and
+    :class:`~cakes.datamodules.nih.NIHPancreasDataModule`.
+
+    Subclasses implement :meth:`list_cases` (errors name the case and file), :meth:`make_split`
+    and :meth:`split_from_file`.
+
+    Args:
+        root: dataset folder.
+        num_classes: label values ``0..num_classes-1`` (background included); checked on every label.
+        regions: DSC convention ``{name: [labels counted as foreground]}`` (reported in the protocol;
+            the module reads it from the config).
+        spacing: target voxel size (mm) along the RAS axes.
+        window: HU window ``[lo, hi]`` mapped to ``[0, 1]`` with clipping.
+        patch_size: training crop (voxels).
+        crops_per_volume: random crops drawn from each loaded volume; divides ``batch_size``.
+        crop_pos, crop_neg: ratio of foreground- to background-centred crops.
+        flip_axes, rotate_planes: augmentation axes (random flip / 90° rotation, each p = 0.5).
+        eval_space: score on the label as stored (``original``: predictions resampled back,
+            nearest) or on the ``spacing`` grid (``resampled``).
+        batch_size: training patches per device and step.
+        num_workers: DataLoader workers per device.
+        cache_rate: fraction of volumes whose loaded, resampled, windowed arrays are cached in memory.
+        split_file: a split written by an earlier run (reused as is); ``None`` = make one.
+        split_dir: where the split used is written (the run directory); ``None`` = not written.
+        split_seed: seed of the split.
+    """
+
+    dataset_name = "volumes"
+    split_filename = "split.json"
+    image_reader = "NibabelReader"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        num_classes: int,
+        regions: Mapping[str, Sequence[int]],
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        window: Sequence[float] = (-100.0, 240.0),
+        patch_size: Sequence[int] = (96, 96, 96),
+        crops_per_volume: int = 1,
+        crop_pos: float = 1.0,
+        crop_neg: float = 1.0,
+        flip_axes: Sequence[int] = (0, 1, 2),
+        rotate_planes: Sequence[Sequence[int]] = ((0, 1), (0, 2), (1, 2)),
+        eval_space: str = "original",
+        batch_size: int = 2,
+        num_workers: int = 4,
+        cache_rate: float = 0.0,
+        split_file: str | os.PathLike[str] | None = None,
+        split_dir: str | os.PathLike[str] | None = None,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.spacing = tuple(float(s) for s in spacing)
+        self.window = tuple(float(w) for w in window)
+        self.patch_size = tuple(int(s) for s in patch_size)
+        self.flip_axes = tuple(int(a) for a in flip_axes)
+        self.rotate_planes = tuple(tuple(int(a) for a in plane) for plane in rotate_planes)
+        self.regions = {str(k): [int(v) for v in labels] for k, labels in regions.items()}
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be 3 positive voxel sizes (mm), got {list(spacing)}")
+        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+            raise ValueError(f"window must be [lo, hi] HU with lo < hi, got {list(window)}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be 3 positive sizes, got {list(patch_size)}")
+        if crops_per_volume < 1 or batch_size % crops_per_volume:
+            raise ValueError(f"crops_per_volume ({crops_per_volume}) must be >= 1 and divide batch_size ({batch_size})")
+        if crop_pos < 0 or crop_neg < 0 or crop_pos + crop_neg == 0:
+            raise ValueError(f"crop_pos / crop_neg must be >= 0 and not both 0, got {crop_pos} / {crop_neg}")
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise ValueError(f"flip_axes must be among 0, 1, 2, got {list(flip_axes)}")
+        for plane in self.rotate_planes:
+            if len(plane) != 2 or len(set(plane)) != 2 or any(a not in (0, 1, 2) for a in plane):
+                raise ValueError(f"rotate_planes entries must be two distinct axes of 0, 1, 2, got {list(plane)}")
+            if self.patch_size[plane[0]] != self.patch_size[plane[1]]:
+                raise ValueError(f"a 90° rotation in plane {list(plane)} needs equal patch sizes there, "
+                                 f"got patch_size {list(self.patch_size)}")
+        if eval_space not in EVAL_SPACES:
+            raise ValueError(f"eval_space must be one of {EVAL_SPACES}, got {eval_space!r}")
+        if not 0.0 <= cache_rate <= 1.0:
+            raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        bad_regions = {k: v for k, v in self.regions.items() if not v or any(not 0 < x < num_classes for x in v)}
+        if not self.regions or bad_regions:
+            raise ValueError(f"regions must map names to foreground labels in 1..{num_classes - 1}, got {regions}")
+        self.num_classes = int(num_classes)
+        self.crops_per_volume, self.crop_pos, self.crop_neg = int(crops_per_volume), float(crop_pos), float(crop_neg)
+        self.eval_space = eval_space
+        self.batch_size, self.num_workers, self.cache_rate = int(batch_size), int(num_workers), float(cache_rate)
+        self.split_file = Path(split_file).expanduser() if split_file else None
+        self.split_dir = Path(split_dir).expanduser() if split_dir else None
+        self.split_seed = int(split_seed)
+        self._cases: list[Case] | None = None
+        self.split: dict[str, Any] | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # ----------------------------------------------------------------- subclass hooks
+    def list_cases(self) -> list[Case]:
+        """Every labelled case, in a fixed order; raises naming the missing file or bad entry."""
+        raise NotImplementedError
+
+    def make_split(self, case_ids: list[str]) -> dict[str, Any]:
+        """A new split ``{"train": [...], "val": [...], ...provenance}`` of ``case_ids``."""
+        raise NotImplementedError
+
+    def split_from_file(self, data: Mapping[str, Any], path: Path) -> dict[str, Any]:
+        """The split to use from the content of a given split file (default: its train/val lists)."""
+        return dict(data)
+
+    # ----------------------------------------------------------------- checks
+    @property
+    def cases(self) -> list[Case]:
+        if self._cases is None:
+            cases = self.list_cases()
+            ids = [c.case for c in cases]
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            if dupes:
+                raise ValueError(f"{self.dataset_name} at {self.root}: duplicate case ids {dupes}")
+            if not cases:
+                raise ValueError(f"{self.dataset_name} at {self.root}: no labelled cases")
+            self._cases = cases
+        return self._cases
+
+    def validate(self) -> None:
+        """Check the dataset before any model is built: the file list (every listed file must exist),
+        that each label is on its image's grid (NIfTI headers: shape and affine) and the split.
+
+        Raises:
+            FileNotFoundError: root, list file or a listed file missing (case and path named).
+            ValueError: malformed list, image/label shape or affine mismatch (case named), bad split.
+        """
+        import nibabel as nib
+
+        for case in self.cases:
+            if case.image.is_dir():
+                continue  # a DICOM series: its grid is checked when loaded (CheckPaird)
+            image, label = nib.load(str(case.image)), nib.load(str(case.label))
+            check_grids(case.case, image.shape[:3], image.affine, label.shape[:3], label.affine)
+        self.resolve_split()
+
+    def resolve_split(self) -> dict[str, Any]:
+        """The split in use (given file or a new one), checked against the case list."""
+        if self.split is not None:
+            return self.split
+        ids = [c.case for c in self.cases]
+        if self.split_file is not None:
+            split = self.split_from_file(read_json(self.split_file, "split file"), self.split_file)
+            source = str(self.split_file)
+        else:
+            split = self.make_split(ids)
+            source = "new"
+        known = set(ids)
+        for part in ("train", "val"):
+            if not isinstance(split.get(part), list) or not split[part]:
+                raise ValueError(f"split ({source}): {part!r} must be a non-empty list of case ids")
+            unknown = [c for c in split[part] if c not in known]
+            if unknown:
+                raise ValueError(f"split ({source}): {part} cases {unknown[:10]} are not in the dataset at {self.root}")
+        overlap = sorted(set(split["train"]) & set(split["val"]))
+        if overlap:
+            raise ValueError(f"split ({source}): cases {overlap[:10]} are in both train and val")
+        self.split = {**split, "source": source}
+        return self.split
+
+    def protocol(self) -> dict[str, Any]:
+        """The data half of the evaluation protocol (logged with every result)."""
+        split = self.resolve_split()
+        return {
+            "dataset": self.dataset_name,
+            "root": str(self.root),
+            "spacing_mm": list(self.spacing),
+            "window_hu": list(self.window),
+            "orientation": "RAS",
+            "eval_space": self.eval_space,
+            "split": split["source"],
+            "train_cases": len(split["train"]),
+            "eval_cases": len(split["val"]),
+        }
+
+    # ----------------------------------------------------------------- datasets
+    def _records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        by_id = {c.case: c for c in self.cases}
+        return [{"case": i, "index": k, "image": str(by_id[i].image), "label": str(by_id[i].label)}
+                for k, i in enumerate(ids)]
+
+    def _dataset(self, records: list[dict[str, Any]], transform: Any) -> Dataset:
+        if self.cache_rate > 0:
+            return CacheDataset(records, transform, cache_rate=self.cache_rate, num_workers=self.num_workers or None,
+                                progress=False)
+        return Dataset(records, transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of ``stage``; writes the split to ``split_dir`` (global rank zero)."""
+        split = self.resolve_split()
+        if self.split_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
+            write_json_atomic(self.split_dir / self.split_filename, {k: v for k, v in split.items() if k != "source"})
+        common = {"num_classes": self.num_classes, "spacing": self.spacing, "window": self.window,
+                  "image_reader": self.image_reader}
+        if stage in (None, "fit"):
+            world = self.trainer.world_size if self.trainer is not None else 1
+            volumes = self.batch_size // self.crops_per_volume
+            if len(split["train"]) // world < volumes:
+                raise ValueError(f"{len(split['train'])} training cases over {world} device(s) are fewer than one "
+                                 f"batch of {volumes} volumes (batch_size {self.batch_size} / crops_per_volume "
+                                 f"{self.crops_per_volume})")
+            self.train_set = self._dataset(self._records(split["train"]), train_transforms(
+                patch_size=self.patch_size, crops_per_volume=self.crops_per_volume, pos=self.crop_pos,
+                neg=self.crop_neg, flip_axes=self.flip_axes, rotate_planes=self.rotate_planes, **common))
+        if stage in (None, "fit", "validate", "test"):
+            evaluation = eval_transforms(keep_original_label=self.eval_space == "original", **common)
+            self.val_set = self._dataset(self._records(split["val"]), evaluation)
+            self.test_set = self.val_set
+
+    def _seed(self) -> int:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        state = np.random.SeedSequence([torch.initial_seed(), rank, epoch]).generate_state(1, np.uint32)
+        return int(state[0])
+
+    def _loader(self, dataset: Dataset | None, stage: str, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call setup({stage!r}) before requesting its dataloader")
+        seed = self._seed()
+        if train:
+            dataset.transform.set_random_state(seed=seed)  # the main-process stream (num_workers=0)
+        return DataLoader(  # MONAI's: list_data_collate, per-worker transform seeds
+            dataset,
+            batch_size=self.batch_size // self.crops_per_volume if train else 1,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "fit", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "validate", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", train=False)
