@@ -45,6 +45,16 @@ def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
         raise
 
 
+def first_occurrence(index: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each distinct value in ``index`` (de-duplicating
+    evaluation samples that a distributed sampler padded onto several ranks)."""
+    order = torch.argsort(index, stable=True)
+    sorted_index = index[order]
+    first = torch.ones_like(sorted_index, dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
+    return order[first]
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and decay-free norm parameters and biases (every 0/1-D tensor)."""
     decay, no_decay = [], []
@@ -129,9 +139,8 @@ class CakesModule(pl.LightningModule):
         if self.hparams.input_shape and self.trainer.is_global_zero:
             from cakes.profile import profile
 
-            with torch.device("meta"):  # same architecture, no memory, no compute
-                net = build_network(self.hparams.net, pretrained=False)
-            result = profile(net, (1, *self.hparams.input_shape))
+            # the network as it runs now (a performance-priority supernet: its current selection)
+            result = profile(self.net, (1, *self.hparams.input_shape))
             log.info("model: %s params, %.3f GMACs per view at %s", f"{result.params:,}", result.macs / 1e9,
                      tuple(self.hparams.input_shape))
             for logger in self.loggers:

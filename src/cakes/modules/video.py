@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from cakes.modules.base import CakesModule
+from cakes.modules.base import CakesModule, first_occurrence
 from cakes.modules.schedules import WarmupMultiStep
 
 
@@ -46,11 +46,13 @@ class VideoClassificationModule(CakesModule):
             return scores.view(b, v, -1).mean(dim=1)
         return self.net(video)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._skipped += int(batch.get("skipped", 0))
+        if len(batch["label"]) == 0:  # every sample of this batch was skipped (bad_sample=skip)
+            return None
         logits = self.net(batch["video"])
         loss = F.cross_entropy(logits, batch["label"])
         acc = (logits.argmax(dim=-1) == batch["label"]).float().mean()
-        self._skipped += int(batch.get("skipped", 0))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits))
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
@@ -82,7 +84,7 @@ class VideoClassificationModule(CakesModule):
         self._eval_outputs.clear()
         if self.trainer.world_size > 1:
             index, scores, labels = (self.all_gather(t).flatten(0, 1) for t in (index, scores, labels))
-        keep = _first_occurrence(index)
+        keep = first_occurrence(index)
         scores, labels = scores[keep], labels[keep]
         loss = F.nll_loss(scores.clamp_min(1e-12).log(), labels)
         metrics = {f"{stage}/loss": loss, f"{stage}/videos": torch.tensor(float(len(labels)))}
@@ -113,11 +115,3 @@ class VideoClassificationModule(CakesModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-
-def _first_occurrence(index: torch.Tensor) -> torch.Tensor:
-    """Positions of the first occurrence of each distinct value in ``index``."""
-    order = torch.argsort(index, stable=True)
-    sorted_index = index[order]
-    first = torch.ones_like(sorted_index, dtype=torch.bool)
-    first[1:] = sorted_index[1:] != sorted_index[:-1]
-    return order[first]

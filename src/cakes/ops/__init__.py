@@ -12,6 +12,7 @@ from cakes.ops.search import (
     SearchSlot,
     search_slots,
 )
+from cakes.ops.per_layer import PerLayer
 from cakes.ops.inflate import inflate_2d, inflate_2d_grouped, tile_input_channels
 from cakes.ops.subkernel import OP_SETS, OpSet, SubKernel, parse_counts, resolve_op_set
 
@@ -32,6 +33,7 @@ __all__ = [
     "OP_SETS",
     "OpSet",
     "OperatorFactory",
+    "PerLayer",
     "SubKernel",
     "SubKernelConv3d",
     "inflate_2d",
