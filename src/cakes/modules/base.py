@@ -45,6 +45,12 @@ def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
         raise
 
 
+def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: 5-D inputs in NDHWC memory (same values, different strides)."""
+    return tuple(a.contiguous(memory_format=torch.channels_last_3d) if torch.is_tensor(a) and a.dim() == 5 else a
+                 for a in args)
+
+
 def first_occurrence(index: torch.Tensor) -> torch.Tensor:
     """Positions of the first occurrence of each distinct value in ``index`` (de-duplicating
     evaluation samples that a distributed sampler padded onto several ranks)."""
@@ -79,6 +85,8 @@ class CakesModule(pl.LightningModule):
         scheduler: subclass-specific schedule settings.
         base_batch_size: the global batch at which ``optimizer.lr`` is given.
         input_shape: one view's input shape without the batch axis (for params/MACs logging).
+        channels_last: keep weights and activations in NDHWC memory format; 3D convolutions are
+            several times faster so on CPU (oneDNN) and with cuDNN under AMP. Values are unchanged.
     """
 
     def __init__(
@@ -88,13 +96,17 @@ class CakesModule(pl.LightningModule):
         scheduler: Mapping[str, Any],
         base_batch_size: int,
         input_shape: list[int] | None = None,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
             {"net": plain(net), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
-             "base_batch_size": base_batch_size, "input_shape": plain(input_shape)}
+             "base_batch_size": base_batch_size, "input_shape": plain(input_shape), "channels_last": channels_last}
         )
         self.net = build_network(self.hparams.net)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last_3d)
+            self.net.register_forward_pre_hook(_channels_last_input)
         if input_shape:
             calibrate_macs_costs(self.net, list(input_shape))
 

@@ -112,10 +112,11 @@ class VolumeSegmentationModule(CakesModule):
         scheduler: Mapping[str, Any],
         base_batch_size: int = 8,
         input_shape: list[int] | None = None,
+        channels_last: bool = True,
         loss: Mapping[str, float] | None = None,
         evaluation: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, base_batch_size, input_shape)
+        super().__init__(net, optimizer, scheduler, base_batch_size, input_shape, channels_last)
         loss = {"lambda_dice": 1.0, "lambda_ce": 1.0, **plain(loss or {})}
         evaluation = {**DEFAULT_EVALUATION, **plain(evaluation or {})}
         unknown = set(evaluation) - set(DEFAULT_EVALUATION)

@@ -31,8 +31,9 @@ class VideoClassificationModule(CakesModule):
         scheduler: Mapping[str, Any],
         base_batch_size: int = 96,
         input_shape: list[int] | None = None,
+        channels_last: bool = True,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, base_batch_size, input_shape)
+        super().__init__(net, optimizer, scheduler, base_batch_size, input_shape, channels_last)
         self.num_classes = int(self.net.num_classes)
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._skipped = 0
