@@ -1,6 +1,11 @@
 """The one straight function behind ``train.py`` and ``search.py``:
-seed → record the run → data (validated before any model is built) → model → callbacks,
-loggers, trainer → fit → test the best checkpoint."""
+check the arch (data, never code) → seed → callbacks, loggers, trainer → batch sizes (checked) →
+record the run → data (validated before any model is built) → model → fit (resuming if asked)
+→ test the best checkpoint → close the loggers.
+
+One run directory per run, whatever the launcher: Lightning's DDP launchers reuse it, and under
+``torchrun`` / ``srun`` an explicit ``hydra.run.dir`` is required (:mod:`cakes.distributed`).
+Everything written to it comes from global rank zero."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +24,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+
+from cakes.distributed import check_shared_run_dir, ddp_strategy, resolve_batch_size, trainer_parallelism
+from cakes.loggers import LogConfigCallback, finish_loggers
+from cakes.resume import resolve_resume as _resolve_resume
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +46,15 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 @rank_zero_only
-def record_run(cfg: DictConfig, output_dir: Path) -> None:
-    """Resolved config, git commit and environment into the run directory."""
+def record_run(cfg: DictConfig, output_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    """Resolved config, git commit and environment into the run directory (a resumed run keeps
+    the first record and adds ``run_info.resume<N>.json``), and ``resume_command.txt``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     info = {
@@ -54,8 +65,34 @@ def record_run(cfg: DictConfig, output_dir: Path) -> None:
         "pytorch_lightning": pl.__version__,
         "host": platform.node(),
         "seed": cfg.get("seed"),
+        **(extra or {}),
     }
-    write_atomic(output_dir / "run_info.json", json.dumps(info, indent=2) + "\n")
+    name = "run_info.json"
+    if (output_dir / name).is_file() and info.get("resumed_from"):
+        k = 1
+        while (output_dir / f"run_info.resume{k}.json").is_file():
+            k += 1
+        name = f"run_info.resume{k}.json"
+    write_atomic(output_dir / name, json.dumps(info, indent=2) + "\n")
+    command = resume_command(output_dir)
+    if command:
+        write_atomic(output_dir / "resume_command.txt", command + "\n")
+        log.info("if interrupted, continue with: %s", command)
+
+
+def resume_command(output_dir: Path) -> str | None:
+    """The command that continues this run after an interruption: the same overrides, this run
+    directory, ``resume=auto`` (``None`` outside a Hydra entry point)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # pragma: no cover
+        return None
+    if not HydraConfig.initialized():
+        return None
+    task = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+    return " ".join(["python", script, *map(shlex.quote, task),
+                     shlex.quote(f"hydra.run.dir={output_dir.resolve()}"), "resume=auto"])
 
 
 def instantiate_dict(nodes: DictConfig | None) -> list[Any]:
@@ -67,46 +104,119 @@ def instantiate_dict(nodes: DictConfig | None) -> list[Any]:
 
 
 def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
-    """``resume``: null, a checkpoint path, or ``auto`` (``last.ckpt`` of this run dir if any)."""
-    resume = cfg.get("resume")
-    if resume in (None, ""):
-        return None
-    if resume == "auto":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(resume).is_file():
-        raise FileNotFoundError(f"resume: checkpoint not found: {resume}")
-    return str(resume)
+    """``resume``: null, a checkpoint path, or ``auto`` (the newest checkpoint of this run dir, if any)."""
+    return _resolve_resume(cfg.get("resume"), output_dir)
+
+
+def check_arch(cfg: DictConfig) -> None:
+    """Arch files are data: validate ``cfg.arch`` (schema; no ``_target_`` or other Hydra keys, no
+    unknown keys) and, under Hydra, the chosen arch file itself (no ``@package`` directive, no
+    ``defaults``) before anything is instantiated."""
+    from cakes.arch import ArchError, load_arch
+
+    arch = cfg.get("arch")
+    if arch is not None:
+        load_arch(OmegaConf.to_container(arch, resolve=False) if OmegaConf.is_config(arch) else arch)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # pragma: no cover
+        return
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    name = hydra_cfg.runtime.choices.get("arch")
+    if name in (None, "null"):
+        return
+    for source in hydra_cfg.runtime.config_sources:
+        if source.get("schema") != "file":
+            continue
+        path = Path(source.path) / "arch" / f"{name}.yaml"
+        if not path.is_file():
+            continue
+        header = []
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                break
+            header.append(line)
+        if any("@package" in line for line in header):
+            raise ArchError(f"{path}: arch files are data: a Hydra '@package' directive is not allowed")
+        load_arch(path)  # schema: only backbone/op_set/layers/meta (no 'defaults', no '_target_')
+        return
+
+
+def system_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
+    """Callbacks every run gets, whatever the callbacks group says."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return [LogConfigCallback(config, str(output_dir / "config_resolved.yaml"))]
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) as the config says; returns the final logged metrics."""
+    check_arch(cfg)  # before anything from the config is instantiated
+    check_shared_run_dir()
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    record_run(cfg, output_dir)
+
+    strategy = ddp_strategy(cfg)
+    if strategy != cfg.trainer.get("strategy"):
+        log.info("performance-priority supernet under DDP: strategy %s -> %s (an op sampled for no channel gets "
+                 "no gradient in that step)", cfg.trainer.strategy, strategy)
+        cfg.trainer.strategy = strategy
+
+    loggers = instantiate_dict(cfg.get("logger"))
+    try:
+        return _fit(cfg, output_dir, loggers)
+    finally:
+        finish_loggers(loggers)
+
+
+def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any]) -> dict[str, float]:
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks + system_callbacks(cfg, output_dir),
+                                      logger=loggers or False)
+
+    # explicit batch sizes: per device (data.batch_size) and global (checked before anything runs)
+    batch = resolve_batch_size(int(cfg.data.batch_size), cfg.get("global_batch_size"), **trainer_parallelism(trainer))
+    if batch["per_device"] != cfg.data.batch_size:
+        log.info("global_batch_size %d = %d per device x %d device(s) x %d node(s) x %d accumulation: "
+                 "data.batch_size %d -> %d", batch["global"], batch["per_device"], batch["devices"],
+                 batch["num_nodes"], batch["accumulate"], cfg.data.batch_size, batch["per_device"])
+        cfg.data.batch_size = batch["per_device"]
+    ckpt_path = resolve_resume(cfg, output_dir)
+    record_run(cfg, output_dir, {"batch_size": batch, "strategy": str(cfg.trainer.get("strategy")),
+                                 "resumed_from": ckpt_path})
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     if hasattr(datamodule, "validate"):
         datamodule.validate()  # bad roots, lists, labels: fail here, before any model is built
 
     model: pl.LightningModule = instantiate(cfg.model)
-    callbacks = instantiate_dict(cfg.get("callbacks"))
-    loggers = instantiate_dict(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if trainer.is_global_zero:
         write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         for callback in callbacks:
-            command = getattr(callback, "retrain_command", None)
+            command = retrain_command(callback, output_dir)
             if command:  # a search: say exactly how to retrain what it found
                 write_atomic(output_dir / "retrain_command.txt", command + "\n")
                 print(f"\nFound architecture: {callback.export_path}\nRetrain it with:\n  {command}\n", flush=True)
     return metrics
+
+
+def retrain_command(callback: Any, output_dir: Path) -> str | None:
+    """The retrain command of a pruning callback. Under ``ddp_spawn`` the export happened in a
+    worker process: recover it from the copy in ``<run dir>/arch/``."""
+    if not hasattr(callback, "retrain_command"):
+        return None
+    if callback.retrain_command:
+        return callback.retrain_command
+    copies = sorted((output_dir / "arch").glob("*.yaml"), key=lambda p: p.stat().st_mtime_ns)
+    if not copies:
+        return None
+    callback.export_path = Path(callback.arch_dir) / "arch" / copies[-1].name
+    callback.retrain_command = f"{callback.retrain} arch={copies[-1].stem}"
+    return callback.retrain_command

@@ -50,6 +50,7 @@ from cakes.datamodules.video_transforms import (
     sample_train_indices,
     train_transform,
 )
+from cakes.resume import train_sampler
 
 Version = Literal["v1", "v2"]
 ListFormat = Literal["csv", "trn", "json"]
@@ -382,11 +383,14 @@ class SomethingSomethingDataset(Dataset[Sample | None]):
         frames = video.read(unique) if video is not None else read_jpeg_frames(record.path, unique)
         return frames[inverse.reshape(indices.shape)]
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def __getitem__(self, index: int | tuple[int, int]) -> Sample | None:
+        # (index, seed) from cakes.resume.ResumableSampler: this sample's augmentation is a pure
+        # function of the seed (exact resume); a plain index uses the process generator
+        index, sample_seed = index if isinstance(index, tuple) else (index, None)
         record = self.records[index]
         try:
             if self.train:
-                rng = self._generator()
+                rng = self._generator() if sample_seed is None else torch.Generator().manual_seed(sample_seed)
                 frames = self._read(record, lambda n: sample_train_indices(n, self.num_segments, rng))
                 video, flipped = train_transform(frames, self.crop_size, self.scales, self.flip, rng)
                 label = self.flip_map[record.label] if flipped else record.label
@@ -634,14 +638,16 @@ class SomethingSomethingDataModule(pl.LightningDataModule):
     def _loader(self, dataset: SomethingSomethingDataset | None, stage: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before requesting its dataloader")
-        generator = None
+        generator, sampler = None, None
         if train:
             dataset.seed = self._seed()
-            generator = torch.Generator().manual_seed(dataset.seed)  # shuffling and worker seeds
+            generator = torch.Generator().manual_seed(dataset.seed)  # worker seeds
+            # order and augmentation a pure function of (seed, epoch); starts at the resume point
+            sampler = train_sampler(dataset, self.trainer, batch_size=self.batch_size, with_seeds=True)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,0 +1,65 @@
+"""logger=wandb on a machine with no API key and WANDB_MODE unset: offline, never prompting or failing;
+metrics, hyper-parameters, the resolved config, the found-arch plot and yaml stored in the local run;
+a resumed run continues the same wandb run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cakes.config import compose_config
+from cakes.loggers import wandb_api_key_configured
+from cakes.run import run
+
+TINY = [
+    "data.num_classes=4", "data.train_per_class=4", "data.val_per_class=2", "data.video_frames=8",
+    "data.height=40", "data.width=48", "data.num_frames=4", "data.crop_size=32", "data.test_short_side=40",
+    "data.batch_size=4", "data.num_workers=0", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.fixture()
+def no_wandb_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # no ~/.netrc, no wandb settings
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
+    assert not wandb_api_key_configured()
+    return tmp_path
+
+
+def records(run_dir: Path) -> bytes:
+    """The raw records of every offline wandb run in a run directory (metrics, config, artifacts)."""
+    return b"".join(p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.slow
+def test_wandb_without_key_logs_offline_and_resumes_the_same_run(no_wandb_key: Path, capsys):
+    out = no_wandb_key / "search"
+    cfg = compose_config("search", [*TINY, "logger=wandb", "trainer.max_epochs=1"])
+    cfg.paths.output_dir = str(out)
+    run(cfg)
+    assert "wandb sync" in capsys.readouterr().out  # says how to upload
+
+    run_id = (out / "wandb_run_id").read_text().strip()
+    (first,) = (out / "wandb").glob("offline-run-*")
+    assert first.name.endswith(run_id)
+    data = records(out)
+    for key in (b"train/loss", b"val/top1", b"found/found_gmacs", b"model/params", b"lasso"):  # metrics + hparams
+        assert key in data, key
+    assert b"cakes-arch" in data and b"config-" + run_id.encode() in data  # arch yaml + config artifacts
+    assert (first / "files" / "config_resolved.yaml").is_file()
+    assert list((first / "files" / "media" / "images").glob("found/arch_*.png"))  # the found-arch plot
+
+    # continue the search for one more epoch in the same run directory: the same wandb run
+    cfg = compose_config("search", [*TINY, "logger=wandb", "trainer.max_epochs=2", "resume=auto"])
+    cfg.paths.output_dir = str(out)
+    run(cfg)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
