@@ -17,7 +17,7 @@ from cakes.backbones import ResNet3d
 from cakes.callbacks.prune import found_arch, plot_arch
 from cakes.ops import CostPriority, Derived
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ARCHS = Path(__file__).resolve().parents[1] / "archs"
 
 
 def tiny_arch() -> Arch:
@@ -52,7 +52,7 @@ def test_yaml_round_trip_is_exact(tmp_path):
     ],
 )
 def test_invalid_arch_files_fail_clearly(tmp_path, mutate, message):
-    data = yaml.safe_load((CONF / "arch" / "ssv1_cakes123d_c.yaml").read_text())
+    data = yaml.safe_load((ARCHS / "ssv1_cakes123d_c.yaml").read_text())
     mutate(data)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -61,8 +61,8 @@ def test_invalid_arch_files_fail_clearly(tmp_path, mutate, message):
             ResNet3d(operator=Derived(path))
 
 
-def test_hydra_composed_arch_cannot_instantiate_anything(tmp_path, monkeypatch):
-    """An arch group file carrying _target_ is rejected, not instantiated, through Hydra too."""
+def test_arch_by_name_is_read_as_data_never_instantiated(tmp_path, monkeypatch):
+    """``arch=<name>`` resolves through cakes.arch (not Hydra): a _target_ inside is rejected."""
     from cakes.config import compose_config
     from cakes.modules.base import build_network
 
@@ -72,8 +72,18 @@ def test_hydra_composed_arch_cannot_instantiate_anything(tmp_path, monkeypatch):
     (tmp_path / "found" / "arch" / "evil.yaml").write_text(yaml.safe_dump(data))
     monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
     cfg = compose_config("train", ["experiment=demo_cakes", "arch=evil"])
-    with pytest.raises(ArchError, match="'_target_' is not allowed"):
+    with pytest.raises(Exception, match="'_target_' is not allowed"):
         build_network(cfg.model.net, pretrained=False)
+
+
+def test_arch_names_resolve_to_exports_then_presets(tmp_path):
+    from cakes.arch import find_arch
+
+    assert find_arch("ssv1_cakes12d_c", tmp_path) == ARCHS / "ssv1_cakes12d_c.yaml"
+    save_arch(tiny_arch(), tmp_path / "arch" / "ssv1_cakes12d_c.yaml")  # an export shadows a preset
+    assert find_arch("ssv1_cakes12d_c", tmp_path) == tmp_path / "arch" / "ssv1_cakes12d_c.yaml"
+    with pytest.raises(FileNotFoundError, match="arch 'nope' not found.*known: .*ssv1_cakes123d_c"):
+        find_arch("nope", tmp_path)
 
 
 def _slow_writer(path: str) -> None:

@@ -13,7 +13,7 @@ from cakes.backbones.resnet3d import RESNET_DEPTHS
 from cakes.ops import CostPriority, Derived, Homogeneous, inflate_2d
 from cakes.profile import profile
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ARCHS = Path(__file__).resolve().parents[1] / "archs"
 PRESETS = {  # params, GMACs at 8x224², from cakes-method.md §5
     "ssv1_cakes12d_c": (20_498_030, 29.10),
     "ssv1_cakes12d_p": (20_884_718, 28.83),
@@ -42,14 +42,14 @@ def test_baseline_counts_are_exact(kind, params, gmacs):
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_published_presets(preset):
-    _, prof = meta_net(Derived(CONF / "arch" / f"{preset}.yaml"))
+    _, prof = meta_net(Derived(ARCHS / f"{preset}.yaml"))
     params, gmacs = PRESETS[preset]
     assert prof.params == params
     assert prof.macs / 1e9 == pytest.approx(gmacs, abs=0.006)
 
 
 def test_closed_form_params_for_any_config():
-    arch = load_arch(CONF / "arch" / "ssv1_cakes123d_p.yaml")
+    arch = load_arch(ARCHS / "ssv1_cakes123d_p.yaml")
     planes = ResNet3d.slots(depth=50, width=1.0)
     vol = {"3x3x3": 27, "1x3x3": 9, "3x1x1": 3}
     closed = 23_864_558 - 11_317_248 + sum(
@@ -67,7 +67,7 @@ def test_forward_shapes_tiny_variants():
 
 
 def test_arch_validation_names_layer_and_numbers():
-    arch = load_arch(CONF / "arch" / "ssv1_cakes12d_c.yaml").to_dict()
+    arch = load_arch(ARCHS / "ssv1_cakes12d_c.yaml").to_dict()
     arch["layers"]["layer2.1"] = {"1x3x3": 100, "3x1x1": 20}
     with pytest.raises(ArchError, match=r"'layer2.1'.*sum to 120.*128 output channels"):
         ResNet3d(operator=Derived(arch))

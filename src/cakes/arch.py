@@ -154,6 +154,38 @@ def load_arch(source: str | os.PathLike | Mapping | Arch) -> Arch:
     return arch_from_mapping(source)
 
 
+def find_arch(name: str | os.PathLike, arch_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``arch=<name>`` points: an existing yaml path, else ``<arch_dir>/arch/<name>.yaml``
+    (exported by searches), else ``archs/<name>.yaml`` (the published presets, next to ``conf/``).
+
+    Arch files are read by :func:`load_arch` as plain data — never composed by Hydra, so a file
+    cannot carry ``# @package`` directives, ``defaults`` or Hydra settings into a run.
+    """
+    from cakes.config import conf_dir
+
+    given = Path(name).expanduser()
+    if given.suffix in (".yaml", ".yml") and given.is_file():
+        return given
+    folders = ([Path(arch_dir) / "arch"] if arch_dir else []) + [conf_dir().parent / "archs"]
+    for folder in folders:
+        candidate = folder / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise FileNotFoundError(
+        f"arch {str(name)!r} not found in {[str(f) for f in folders]} (nor as a yaml path); known: {known}"
+    )
+
+
+def arch_data(name: str | None, arch_dir: str | None = None) -> dict[str, Any]:
+    """OmegaConf resolver ``${arch_data:${arch},${paths.arch_dir}}``: the validated arch as plain
+    data, so configs and checkpoints carry the whole architecture."""
+    if name in (None, "", "null", "None"):
+        raise ArchError("operator=cakes needs an architecture: add arch=<name> (found/arch/ or archs/) or "
+                        "arch=/path/to/arch.yaml")
+    return load_arch(find_arch(name, arch_dir)).to_dict()
+
+
 def save_arch(arch: Arch, path: str | os.PathLike, header: str = "") -> Path:
     """Write ``arch`` atomically (temp file in the same directory, fsync, rename)."""
     path = Path(path)

@@ -21,6 +21,11 @@ def register_resolvers() -> None:
     """OmegaConf resolvers used by the configs (idempotent)."""
     if not OmegaConf.has_resolver("operator_mode"):
         OmegaConf.register_new_resolver("operator_mode", operator_mode)
+    if not OmegaConf.has_resolver("arch_data"):
+        from cakes.arch import arch_data
+
+        # a DictConfig (not a dict) so that OmegaConf.resolve() can store it in place
+        OmegaConf.register_new_resolver("arch_data", lambda name, arch_dir: OmegaConf.create(arch_data(name, arch_dir)))
 
 
 def conf_dir() -> Path:

@@ -109,39 +109,14 @@ def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
 
 
 def check_arch(cfg: DictConfig) -> None:
-    """Arch files are data: validate ``cfg.arch`` (schema; no ``_target_`` or other Hydra keys, no
-    unknown keys) and, under Hydra, the chosen arch file itself (no ``@package`` directive, no
-    ``defaults``) before anything is instantiated."""
-    from cakes.arch import ArchError, load_arch
+    """Arch files are data: when the run names one (``arch=<name>`` or a path), find it and validate
+    its schema (no ``_target_`` or other Hydra keys, no unknown keys) before anything is instantiated.
+    The file is read by :func:`cakes.arch.load_arch`, never composed by Hydra."""
+    from cakes.arch import find_arch, load_arch
 
-    arch = cfg.get("arch")
-    if arch is not None:
-        load_arch(OmegaConf.to_container(arch, resolve=False) if OmegaConf.is_config(arch) else arch)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-    except ImportError:  # pragma: no cover
-        return
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    name = hydra_cfg.runtime.choices.get("arch")
-    if name in (None, "null"):
-        return
-    for source in hydra_cfg.runtime.config_sources:
-        if source.get("schema") != "file":
-            continue
-        path = Path(source.path) / "arch" / f"{name}.yaml"
-        if not path.is_file():
-            continue
-        header = []
-        for line in path.read_text().splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                break
-            header.append(line)
-        if any("@package" in line for line in header):
-            raise ArchError(f"{path}: arch files are data: a Hydra '@package' directive is not allowed")
-        load_arch(path)  # schema: only backbone/op_set/layers/meta (no 'defaults', no '_target_')
-        return
+    name = cfg.get("arch")
+    if name not in (None, "", "???"):
+        load_arch(find_arch(str(name), cfg.paths.arch_dir))
 
 
 def system_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:

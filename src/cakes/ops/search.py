@@ -149,6 +149,14 @@ class ChannelSampler:
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(int(seed))
 
+    def __getstate__(self) -> dict[str, Any]:  # torch.Generator does not pickle (ddp_spawn, deepcopy)
+        return {"mode": self.mode, "state": self.generator.get_state()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.mode = state["mode"]
+        self.generator = torch.Generator()
+        self.generator.set_state(state["state"])
+
     def sample(self, num_ops: int, width: int) -> tuple[Tensor, Tensor]:
         if self.mode == "per_channel":
             ops = torch.randint(num_ops, (width,), generator=self.generator)
