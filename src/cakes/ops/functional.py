@@ -1,13 +1,48 @@
-"""Sub-kernel convolution kernels shared by every CAKES operator."""
+"""Sub-kernel convolution kernels shared by every CAKES operator.
+
+* :func:`subkernel_conv` — one sub-kernel: a plain ``F.conv3d`` with shape-preserving padding.
+* :func:`cakes_conv3d` — the whole heterogeneous op of :class:`~cakes.ops.conv.CakesConv3d`
+  (every group, concatenated along channels, plus bias).
+
+On CPU (float32/float64, no ``TorchDispatchMode`` active) :func:`cakes_conv3d` runs as ONE autograd
+node, :class:`_CakesConvCPU`, instead of per-group ``F.conv3d`` + ``torch.cat`` + bias:
+
+* every group writes into one preallocated output (no ``cat``; the bias is fused);
+* sub-kernels without spatial extent (``3x1x1``, ``1x1x1``; temporal stride 1) run as shifted
+  matrix products on the flattened ``(C, T·H·W)`` view of each sample: temporal tap ``d`` is a column
+  offset of ``d·H·W``, so a tap is one exact ``addmm`` over the frames it touches (no padding, no
+  im2col, no oneDNN layout reorders) — forward, input gradient and weight gradient;
+* oneDNN runs ``NCDHW`` convolutions in blocks of 16 output channels (8 without AVX-512), so a group
+  of 85 costs as much as 96: the idle tail of a convolution's last block takes the leading channels
+  of the next group when its sub-kernel is contained (e.g. 11 ``1x3x3`` channels ride in the
+  ``3x3x3`` convolution, zero-padded), leaving the next convolution fewer blocks;
+* backward computes the input gradient of all groups into one accumulator. oneDNN's backward-data is
+  much faster channels-last than on ``NCDHW`` (no blocked-layout reorder of the full-width gradient),
+  so it runs there — given only the input's shape, never its values — and the accumulator is
+  transposed back once at the end. Weight gradients stay on ``NCDHW``.
+
+Everywhere else (GPU, meta, other dtypes, FLOP/MAC counters and other dispatch modes, ``torch.func``
+transforms) it is the plain per-group form, so counters see the ``aten.convolution`` calls of the
+closed-form MAC count. The CPU path itself calls ``aten.convolution``, ``aten.convolution_backward``,
+``aten.mm`` and ``aten.addmm`` (the block fill computes a few zero taps, so a counter run on it would
+see slightly more MACs than the closed form — one reason counters get the plain path).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from cakes.ops.subkernel import SubKernel
 
 Stride = int | tuple[int, int, int]
+
+_CL = torch.channels_last_3d
+_conv_backward = torch.ops.aten.convolution_backward
 
 
 def as_triple(stride: Stride) -> tuple[int, int, int]:
@@ -24,3 +59,361 @@ def subkernel_conv(x: Tensor, weight: Tensor, sub: SubKernel, stride: tuple[int,
     ``(N, C_in, T, H, W) -> (N, out, T', H', W')``.
     """
     return F.conv3d(x, weight, stride=stride, padding=sub.padding, groups=groups)
+
+
+def cakes_conv3d(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    subs: Sequence[SubKernel],
+    stride: tuple[int, int, int],
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``cat([subkernel_conv(x, w, sub, stride) for w, sub in zip(weights, subs)], 1) + bias``.
+
+    ``weights[i]``: ``(n_i, C_in, *subs[i].size)``; output channels follow the group order.
+    """
+    stride = as_triple(stride)
+    subs = tuple(subs)
+    if _use_cpu_path(x, weights, bias):
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=_CL)):
+            x = x.contiguous()
+        tensors = (x, bias, *weights)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _CakesConvCPU.apply(x, bias, subs, stride, *weights)
+        return _forward_cpu(x, list(weights), subs, stride, bias)
+    return _forward_plain(x, weights, subs, stride, bias)
+
+
+def _forward_plain(
+    x: Tensor, weights: Sequence[Tensor], subs: Sequence[SubKernel], stride: tuple[int, int, int], bias: Tensor | None
+) -> Tensor:
+    outputs = [subkernel_conv(x, w, sub, stride) for w, sub in zip(weights, subs)]
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1, 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU path
+# --------------------------------------------------------------------------------------------------
+
+
+def _use_cpu_path(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 5
+        and x.dtype in (torch.float32, torch.float64)
+        and all(w.device.type == "cpu" and w.dtype == x.dtype for w in weights)
+        and (bias is None or (bias.device.type == "cpu" and bias.dtype == x.dtype))
+        # FLOP/MAC counters, fake tensors, tracers and torch.func transforms see the plain convolutions
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
+def _is_matmul(sub: SubKernel, stride: tuple[int, int, int]) -> bool:
+    """``kx1x1`` / ``1x1x1`` groups at temporal stride 1 run as shifted matrix products."""
+    return sub.size[1] == 1 and sub.size[2] == 1 and stride[0] == 1
+
+
+def _is_cl(t: Tensor) -> bool:
+    """Channels-last (and not also plain contiguous, e.g. 1x1x1 spatial)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=_CL)
+
+
+def _fmt(t: Tensor) -> torch.memory_format:
+    return _CL if _is_cl(t) else torch.contiguous_format
+
+
+def _onednn(x: Tensor) -> bool:
+    return x.dtype == torch.float32 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def _out_len(n: int, s: int) -> int:
+    return (n - 1) // s + 1  # odd sub-kernels with padding size // 2
+
+
+def _cm(t: Tensor, n: int) -> Tensor:
+    """Sample ``n`` of a contiguous or channels-last 5-D tensor as a ``(C, T*H*W)`` matrix VIEW
+    (row-major for ``NCDHW``, column-major for channels-last; BLAS takes either)."""
+    s = t[n]
+    if _is_cl(t):
+        return s.permute(1, 2, 3, 0).view(-1, s.shape[0]).t()
+    return s.view(s.shape[0], -1)
+
+
+def _taps(sub: SubKernel, frames: int, frame: int) -> Iterator[tuple[int, slice, slice]]:
+    """``(tap, output columns, input columns)`` of each temporal tap that touches the clip,
+    centre tap (which covers every column) first."""
+    p = sub.size[0] // 2
+    for i in sorted(range(sub.size[0]), key=lambda i: abs(i - p)):
+        d = i - p
+        lo, hi = max(0, -d), frames - max(0, d)
+        if hi > lo:
+            yield i, slice(lo * frame, hi * frame), slice((lo + d) * frame, (hi + d) * frame)
+
+
+def _spatial_sample(x: Tensor, stride: tuple[int, int, int]) -> Tensor:
+    """The input a ``kx1x1`` group reads at spatial stride (every s-th row / column)."""
+    if stride[1] == 1 and stride[2] == 1:
+        return x
+    return x[:, :, :, :: stride[1], :: stride[2]].contiguous(memory_format=_fmt(x))
+
+
+def _tap_weights(w: Tensor) -> Tensor:
+    """``(out, in, k, 1, 1) -> (k, out, in)`` contiguous, one matrix per temporal tap."""
+    return w[:, :, :, 0, 0].permute(2, 0, 1).contiguous()
+
+
+def _to_fmt(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``t.contiguous(memory_format=fmt)``; channels-last -> ``NCDHW`` as one 2-D transpose per sample
+    (PyTorch's blocked transpose copy: ~3x faster than the 5-D strided copy, and a single
+    pass rather than many small parallel copies, which stall when the CPU is shared)."""
+    if fmt is not torch.contiguous_format or not _is_cl(t):
+        return t.contiguous(memory_format=fmt)
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    for n in range(t.shape[0]):
+        _cm(out, n).copy_(_cm(t, n))
+    return out
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Output rows ``[start, stop)`` computed by one call: a convolution with kernel ``sub``, or shifted
+    matrix products for a ``kx1x1`` sub-kernel. ``parts``: the ``(group, first row, end row)`` weight
+    rows it covers, in order; a convolution may end with leading rows of the next group whose
+    sub-kernel it contains (zero-padded into its kernel)."""
+
+    sub: SubKernel
+    matmul: bool
+    start: int
+    stop: int
+    parts: tuple[tuple[int, int, int], ...]
+
+
+def _contains(outer: SubKernel, inner: SubKernel) -> bool:
+    return all(i <= o for o, i in zip(outer.size, inner.size))
+
+
+def _fill_block(x: Tensor) -> int:
+    """oneDNN computes ``NCDHW`` convolutions in blocks of 16 (AVX-512) or 8 output channels, so a
+    group of 85 costs as much as one of 96. Returns that block when it applies, else 0."""
+    if not _onednn(x) or _is_cl(x):
+        return 0
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+def _units(subs: Sequence[SubKernel], sizes: Sequence[int], stride: tuple[int, int, int], block: int) -> list[_Unit]:
+    """One unit per group; with ``block``, a convolution's last partial block is filled with the
+    leading channels of the next group when its sub-kernel is contained (computed for free there)."""
+    units: list[_Unit] = []
+    taken = [0] * len(subs)
+    start = 0
+    for j, (sub, n) in enumerate(zip(subs, sizes)):
+        lo = taken[j]
+        if lo >= n:
+            continue
+        matmul = _is_matmul(sub, stride)
+        parts = [(j, lo, n)]
+        stop = start + n - lo
+        if block and not matmul and j + 1 < len(subs) and _contains(sub, subs[j + 1]):
+            r = min(-(n - lo) % block, sizes[j + 1])
+            if r:
+                parts.append((j + 1, 0, r))
+                taken[j + 1] = r
+                stop += r
+        units.append(_Unit(sub, matmul, start, stop, tuple(parts)))
+        start = stop
+    return units
+
+
+def _unit_weight(unit: _Unit, weights: Sequence[Tensor], subs: Sequence[SubKernel]) -> Tensor:
+    pieces = []
+    for j, lo, hi in unit.parts:
+        w = weights[j] if (lo, hi) == (0, weights[j].shape[0]) else weights[j][lo:hi]
+        if subs[j].size != unit.sub.size:
+            pads: list[int] = []
+            for big, small in zip(reversed(unit.sub.size), reversed(subs[j].size)):  # F.pad: last axis first
+                pads += [(big - small) // 2] * 2
+            w = F.pad(w, pads)
+        pieces.append(w)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _scatter_weight_grad(unit: _Unit, g: Tensor, weights: Sequence[Tensor], subs, gws: list, need_w) -> None:
+    """Unit weight gradient -> per-group gradients (centre slices of the padded rows)."""
+    r = 0
+    for j, lo, hi in unit.parts:
+        piece = g[r : r + hi - lo]
+        r += hi - lo
+        if not need_w[j]:
+            continue
+        if subs[j].size != unit.sub.size:
+            piece = piece[(slice(None), slice(None), *(slice((b - s) // 2, (b - s) // 2 + s) for b, s in zip(unit.sub.size, subs[j].size)))]
+        if (lo, hi) == (0, weights[j].shape[0]):
+            gws[j] = piece.contiguous()
+        else:
+            if gws[j] is None:
+                gws[j] = torch.empty_like(weights[j])
+            gws[j][lo:hi] = piece
+
+
+def _matmul_forward(x_s: Tensor, w: Tensor, sub: SubKernel, y: Tensor, a: int, b: int, bias: Tensor | None) -> None:
+    """``y[:, a:b] = conv(x_s, w) (+ bias)`` for a ``kx1x1`` weight, as shifted matrix products."""
+    frames, frame = x_s.shape[2], x_s.shape[3] * x_s.shape[4]
+    wt = _tap_weights(w)
+    for n in range(x_s.shape[0]):
+        X, Y = _cm(x_s, n), _cm(y, n)[a:b]
+        for k, (i, cols_out, cols_in) in enumerate(_taps(sub, frames, frame)):
+            if k == 0 and bias is None:  # centre tap: every column, beta = 0
+                torch.mm(wt[i], X, out=Y)
+                continue
+            if k == 0:
+                Y.copy_(bias.view(-1, 1).expand_as(Y))
+            dst = Y[:, cols_out]
+            torch.addmm(dst, wt[i], X[:, cols_in], out=dst)
+
+
+def _forward_cpu(
+    x: Tensor, weights: list[Tensor], subs: tuple[SubKernel, ...], stride: tuple[int, int, int], bias: Tensor | None
+) -> Tensor:
+    units = _units(subs, [w.shape[0] for w in weights], stride, _fill_block(x))
+    if len(units) == 1 and not units[0].matmul:
+        return F.conv3d(x, _unit_weight(units[0], weights, subs), bias, stride=stride, padding=units[0].sub.padding)
+    N, _, T, H, W = x.shape
+    shape = (N, units[-1].stop, _out_len(T, stride[0]), _out_len(H, stride[1]), _out_len(W, stride[2]))
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+    x_s = None
+    for u in units:
+        w = _unit_weight(u, weights, subs)
+        bias_u = None if bias is None else bias[u.start : u.stop]
+        if u.matmul:
+            if x_s is None:
+                x_s = _spatial_sample(x, stride)
+            _matmul_forward(x_s, w, u.sub, y, u.start, u.stop, bias_u)
+        else:
+            y[:, u.start : u.stop] = F.conv3d(x, w, bias_u, stride=stride, padding=u.sub.padding)
+    return y
+
+
+def _matmul_backward(
+    gy: Tensor,
+    x_s: Tensor | None,
+    w: Tensor,
+    sub: SubKernel,
+    a: int,
+    b: int,
+    gx_s: Tensor | None,
+) -> Tensor | None:
+    """Gradients of a ``kx1x1`` weight on output rows ``[a, b)``: accumulates the input gradient into
+    ``gx_s`` (spatially sampled) if given, returns the weight gradient if ``x_s`` is given."""
+    frames, frame = gy.shape[2], gy.shape[3] * gy.shape[4]
+    wt = _tap_weights(w)
+    gw = w.new_zeros(wt.shape) if x_s is not None else None
+    for n in range(gy.shape[0]):
+        G = _cm(gy, n)[a:b]
+        for i, cols_out, cols_in in _taps(sub, frames, frame):
+            if gx_s is not None:
+                dst = _cm(gx_s, n)[:, cols_in]
+                torch.addmm(dst, wt[i].t(), G[:, cols_out], out=dst)
+            if gw is not None:
+                torch.addmm(gw[i], G[:, cols_out], _cm(x_s, n)[:, cols_in].t(), out=gw[i])
+    return None if gw is None else gw.permute(1, 2, 0).reshape(w.shape)
+
+
+class _CakesConvCPU(torch.autograd.Function):
+    """The whole heterogeneous convolution as one autograd node (CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor | None, subs: tuple[SubKernel, ...], stride, *weights: Tensor) -> Tensor:
+        ctx.subs, ctx.stride, ctx.has_bias = subs, stride, bias is not None
+        ctx.save_for_backward(x, bias, *weights)
+        return _forward_cpu(x, list(weights), subs, stride, bias)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, bias, *weights = ctx.saved_tensors
+        subs, stride = ctx.subs, ctx.stride
+        need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_w = ctx.needs_input_grad[4:]
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): differentiate the plain form instead
+            inputs = [t for t, need in zip([x, bias, *weights], [need_x, need_b, *need_w]) if need]
+            y = _forward_plain(x, weights, subs, stride, bias)
+            grads = iter(torch.autograd.grad(y, inputs, gy, create_graph=True))
+            return (
+                next(grads) if need_x else None,
+                next(grads) if need_b else None,
+                None,
+                None,
+                *(next(grads) if need else None for need in need_w),
+            )
+        fmt = _fmt(x)
+        sizes = [w.shape[0] for w in weights]
+        groups = _units(subs, sizes, stride, 0)
+        units = _units(subs, sizes, stride, _fill_block(x))
+        # oneDNN's backward-data is much faster channels-last: compute it per group there into one
+        # accumulator (transposed back once at the end); weight gradients stay NCDHW, per unit
+        cl_data = need_x and fmt is not _CL and _onednn(x)
+        if not cl_data:
+            units = groups  # data and weight gradients together, per group
+
+        gx: Tensor | None = None
+        gws: list[Tensor | None] = [None] * len(weights)
+        if cl_data:
+            like_cl = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
+            for g in groups:
+                if g.matmul:
+                    continue
+                conv = (list(stride), list(g.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
+                gy_g = gy[:, g.start : g.stop].contiguous(memory_format=_CL)
+                # backward-data reads only the input's shape and layout (channels-last), never its values
+                gi = _conv_backward(gy_g, like_cl, weights[g.parts[0][0]], None, *conv, [True, False, False])[0]
+                gx = gi if gx is None else gx.add_(gi)
+        for u in units:
+            if u.matmul:
+                continue
+            want_x = need_x and not cl_data
+            want_w = any(need_w[j] for j, _, _ in u.parts)
+            if want_x or want_w:
+                conv = (list(stride), list(u.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
+                w = _unit_weight(u, weights, subs)
+                gi, gw, _ = _conv_backward(gy[:, u.start : u.stop], x, w, None, *conv, [want_x, want_w, False])
+                if want_x:
+                    gx = gi if gx is None else gx.add_(gi)
+                if want_w:
+                    _scatter_weight_grad(u, gw, weights, subs, gws, need_w)
+
+        matmul_x = [g for g in groups if g.matmul] if need_x else []
+        matmul_w = [u for u in units if u.matmul and need_w[u.parts[0][0]]]
+        if matmul_x or matmul_w:
+            gy_m = gy.contiguous(memory_format=fmt)
+            x_s = _spatial_sample(x, stride) if matmul_w else None
+            sampled = stride[1] > 1 or stride[2] > 1
+            gx_s = None
+            if matmul_x:
+                if gx is None:
+                    gx = torch.zeros_like(x, memory_format=fmt)
+                elif not (gx.is_contiguous() or gx.is_contiguous(memory_format=_CL)):
+                    gx = gx.contiguous(memory_format=fmt)
+                gx_s = torch.zeros_like(gx[:, :, :, :: stride[1], :: stride[2]], memory_format=_fmt(gx)) if sampled else gx
+            both = units is groups  # the same partition: one pass over the taps for both gradients
+            for g in matmul_x:
+                j = g.parts[0][0]
+                gw = _matmul_backward(gy_m, x_s if both and need_w[j] else None, weights[j], g.sub, g.start, g.stop, gx_s)
+                if gw is not None:
+                    _scatter_weight_grad(g, gw, weights, subs, gws, need_w)
+            for u in matmul_w:
+                if both and matmul_x:
+                    continue
+                j, lo, hi = u.parts[0]
+                gw = _matmul_backward(gy_m, x_s, weights[j][lo:hi], u.sub, u.start, u.stop, None)
+                _scatter_weight_grad(u, gw, weights, subs, gws, need_w)
+            if sampled and gx_s is not None:
+                gx[:, :, :, :: stride[1], :: stride[2]] += gx_s
+
+        if need_x:
+            gx = torch.zeros_like(x) if gx is None else _to_fmt(gx, fmt)
+        gb = gy.sum(dim=(0, 2, 3, 4)) if ctx.has_bias and need_b else None
+        return gx, gb, None, None, *gws

@@ -1,0 +1,154 @@
+"""CakesConv3d vs a dense 3x3x3 ``nn.Conv3d``: forward+backward wall time on CPU.
+
+For every (shape, split) case the two ops see the same input (``requires_grad=True``, as inside a
+network) and the same upstream gradient; after a warm-up they run INTERLEAVED (dense, cakes, dense,
+cakes, ...) and the MEDIAN of each is reported, which keeps the comparison fair on a busy machine.
+
+Shapes are the ``conv2`` of each ResNet-50 stage for a batch of 2 clips of 8 frames at 224², plus the
+256-channel 8x28x28 shape of the performance issue. Splits: ``thirds`` (3x3x3 / 1x3x3 / 3x1x1 as equal
+as possible), ``1,2D halves`` (1x3x3 / 3x1x1), ``2,3D halves`` (3x3x3 / 1x3x3).
+
+    time ratio = cakes ms / dense ms      MAC ratio = sum(count * volume) / (C_out * 27)
+
+``time ratio / MAC ratio`` is 1.0 when CAKES turns its MAC savings fully into time savings.
+
+    python benchmarks/ops.py               # default run (a few minutes on 2 cores)
+    python benchmarks/ops.py --quick       # fewer repetitions
+    python benchmarks/ops.py --only target --splits thirds --reps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cakes.ops.conv import CakesConv3d  # noqa: E402
+from cakes.ops.subkernel import SubKernel  # noqa: E402
+
+#: name -> (channels, T, H=W); batch is --batch
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "res2": (64, 8, 56),
+    "res3": (128, 8, 28),
+    "res4": (256, 8, 14),
+    "res5": (512, 8, 7),
+    "target": (256, 8, 28),
+}
+
+#: name -> sub-kernels, channels split as equally as possible (the remainder goes to the last ones)
+SPLITS: dict[str, tuple[str, ...]] = {
+    "thirds": ("3x3x3", "1x3x3", "3x1x1"),
+    "1,2D halves": ("1x3x3", "3x1x1"),
+    "2,3D halves": ("3x3x3", "1x3x3"),
+}
+
+
+def split_counts(channels: int, names: tuple[str, ...]) -> dict[str, int]:
+    base, rem = divmod(channels, len(names))
+    return {name: base + (1 if i >= len(names) - rem else 0) for i, name in enumerate(names)}
+
+
+def mac_ratio(counts: dict[str, int]) -> float:
+    return sum(n * SubKernel.parse(k).volume for k, n in counts.items()) / (sum(counts.values()) * 27)
+
+
+def make_step(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, train: bool) -> Callable[[], float]:
+    params = list(module.parameters())
+
+    def step() -> float:
+        if train:
+            x.grad = None
+            for p in params:
+                p.grad = None
+            t0 = time.perf_counter()
+            module(x).backward(gy)
+        else:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                module(x)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def bench_case(channels: int, frames: int, size: int, counts: dict[str, int], args: argparse.Namespace) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    dense = nn.Conv3d(channels, channels, 3, padding=1, bias=False)
+    cakes = CakesConv3d.from_dense(dense.weight.detach(), counts)
+    x = torch.randn(args.batch, channels, frames, size, size, generator=gen).requires_grad_(True)
+    gy = torch.randn(args.batch, channels, frames, size, size, generator=gen)
+    result = {}
+    for mode in ["train"] + (["eval"] if args.eval else []):
+        steps = (make_step(dense, x, gy, mode == "train"), make_step(cakes, x, gy, mode == "train"))
+        for _ in range(args.warmup):
+            for step in steps:
+                step()
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(args.reps):
+            for step, acc in zip(steps, times):
+                acc.append(step())
+        d, c = (statistics.median(t) * 1e3 for t in times)
+        result[mode] = (d, c)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=15, help="timed repetitions per op and case (default 15)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions per op and case (default 3)")
+    parser.add_argument("--quick", action="store_true", help="5 reps, 1 warm-up")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=sorted(SHAPES), default=list(SHAPES), help="shapes to run")
+    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS), metavar="SPLIT",
+                        help=f"splits to run, from {list(SPLITS)}")
+    parser.add_argument("--eval", action="store_true", help="also time forward only (no_grad)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup = 5, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"batch {args.batch}, {args.warmup} warm-up + {args.reps} interleaved reps, medians")
+    rows = []
+    header = f"{'shape':<22} {'split':<12} {'dense ms':>9} {'cakes ms':>9} {'time ratio':>10} {'MAC ratio':>9} {'time/MAC':>8}"
+    if args.eval:
+        header += f" | {'eval dense':>10} {'eval cakes':>10} {'eval ratio':>10}"
+    print(header)
+    print("-" * len(header))
+    for shape_name in args.only:
+        channels, frames, size = SHAPES[shape_name]
+        shape = f"{shape_name} {channels}@{frames}x{size}x{size}"
+        for split_name in args.splits:
+            counts = split_counts(channels, SPLITS[split_name])
+            res = bench_case(channels, frames, size, counts, args)
+            d, c = res["train"]
+            mr = mac_ratio(counts)
+            row = (shape, split_name, d, c, c / d, mr, c / d / mr)
+            rows.append(row)
+            line = f"{shape:<22} {split_name:<12} {d:9.1f} {c:9.1f} {c / d:10.3f} {mr:9.3f} {c / d / mr:8.3f}"
+            if args.eval:
+                ed, ec = res["eval"]
+                line += f" | {ed:10.1f} {ec:10.1f} {ec / ed:10.3f}"
+            print(line, flush=True)
+
+    print()
+    print("| shape (C @ TxHxW, batch %d) | split | dense ms | cakes ms | time ratio | MAC ratio | time / MAC |" % args.batch)
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for shape, split, d, c, tr, mr, q in rows:
+        print(f"| {shape} | {split} | {d:.1f} | {c:.1f} | {tr:.3f} | {mr:.3f} | {q:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
