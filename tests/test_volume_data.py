@@ -46,7 +46,7 @@ def test_generation_is_deterministic_idempotent_and_in_msd_layout(msd_root: Path
     again = generate_synthetic_msd(tmp_path / "again", **SMALL)
     for name in ("imagesTr/pancreas_002.nii.gz", "labelsTr/pancreas_003.nii.gz"):
         assert np.array_equal(nib.load(again / name).get_fdata(), nib.load(msd_root / name).get_fdata())
-    with pytest.raises(FileExistsError, match="not a synthetic MSD dataset"):
+    with pytest.raises(FileExistsError, match="holds a synthetic dataset with seed=3 \(requested 4\)"):
         generate_synthetic_msd(msd_root, **{**SMALL, "seed": 4})
     for i in range(1, 7):
         label = np.asarray(nib.load(msd_root / f"labelsTr/pancreas_{i:03d}.nii.gz").dataobj)

@@ -30,17 +30,16 @@ CLI: ``python -m cakes.data.synthetic_video --root DIR [--num-classes 8 ...]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from cakes.data.generate import generate_atomically
 
 #: (class name, canonical motion, time-reversed, mirrored), in generation order.
 CLASS_SPECS: tuple[tuple[str, str, bool, bool], ...] = (
@@ -218,14 +217,7 @@ def _write_dataset(out: Path, params: dict[str, Any]) -> None:
                     Image.fromarray(frame).save(folder / f"{f:05d}.jpg", quality=90)
                 lines.append(f"{video_id};{name}\n")
         (out / SPLIT_FILES[split]).write_text("".join(lines), encoding="utf-8")
-    (out / MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-
-def _existing_params(root: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((root / MARKER).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
 
 
 def generate_synthetic_ssv1(
@@ -269,30 +261,7 @@ def generate_synthetic_ssv1(
         "width": width,
         "seed": seed,
     }
-    existing = _existing_params(root)
-    if existing == params:
-        return root
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        if existing is None:
-            found = "other files (no synthetic_ssv1.json)"
-        else:
-            found = "a synthetic dataset with " + ", ".join(
-                f"{k}={existing.get(k)} (requested {v})" for k, v in params.items() if existing.get(k) != v
-            )
-        raise FileExistsError(f"{root} holds {found}; use another root or delete it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        _write_dataset(tmp, params)
-        try:
-            os.replace(tmp, root)  # atomic; replaces an empty root folder
-        except OSError:
-            if _existing_params(root) != params:  # not a concurrent writer finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return generate_atomically(root, MARKER, params, lambda out: _write_dataset(out, params))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from cakes.data.generate import generate_atomically
 
 #: Bump when rendering changes, so old datasets are not mistaken for new ones.
 GENERATOR_VERSION = 1
@@ -116,14 +116,7 @@ def _write_dataset(out: Path, params: dict[str, Any]) -> None:
         "test": [],
     }
     (out / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n", encoding="utf-8")
-    (out / MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-
-def _existing_params(root: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((root / MARKER).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
 
 
 def generate_synthetic_msd(
@@ -156,25 +149,7 @@ def generate_synthetic_msd(
         "voxel_size": [float(s) for s in voxel_size],
         "seed": int(seed),
     }
-    existing = _existing_params(root)
-    if existing == params:
-        return root
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        found = f"a dataset with parameters {existing}" if existing else "other files"
-        raise FileExistsError(f"{root} holds {found}, not a synthetic MSD dataset with {params}; use another root")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        _write_dataset(tmp, params)
-        try:
-            os.replace(tmp, root)  # atomic; replaces an empty root folder
-        except OSError:
-            if _existing_params(root) != params:  # not a concurrent writer finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return generate_atomically(root, MARKER, params, lambda out: _write_dataset(out, params))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

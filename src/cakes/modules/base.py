@@ -136,6 +136,16 @@ class CakesModule(pl.LightningModule):
             nesterov=bool(opt.get("nesterov", False)),
         )
 
+    # --- evaluation: subclasses score a whole split at once in _eval_epoch_end(stage) --------------
+    def _eval_epoch_end(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
     # --- checkpoints describe themselves -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the weights are in the checkpoint: never re-read ImageNet files when it is reloaded

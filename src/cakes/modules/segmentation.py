@@ -254,12 +254,6 @@ class VolumeSegmentationModule(CakesModule):
         ids = split.get("val")
         return [ids[i] if ids else str(i) for i in indices]
 
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     # --- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.make_optimizer()

@@ -95,12 +95,6 @@ class VideoClassificationModule(CakesModule):
                 metrics[f"{stage}/top{k}"] = acc(scores, labels)
         self.log_dict(metrics, prog_bar=stage == "val", sync_dist=False, rank_zero_only=True)
 
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     # --- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.make_optimizer()

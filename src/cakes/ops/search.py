@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from cakes.ops.conv import CakesConv3d
 from cakes.ops.factory import ConvNorm, NormFactory, OperatorFactory
-from cakes.ops.functional import Stride, subkernel_conv
+from cakes.ops.functional import Stride, cakes_conv3d
 from cakes.ops.subkernel import OpSet, resolve_op_set
 
 SELECTION_RULES = ("layer_topk", "channel_argmax")
@@ -194,15 +194,15 @@ class PerformancePrioritySlot(SearchSlot):
     def run_pairs(self, x: Tensor, ops: Tensor, channels: Tensor) -> Tensor:
         """Compute output position ``j`` as op ``ops[j]`` on channel ``channels[j]``, then the
         norm entries ``ops·C_out + channels`` (running statistics updated in place)."""
-        outputs, positions = [], []
+        weights, subs, positions = [], [], []
         for k, sub in enumerate(self.op_set.subkernels):
             pos = (ops == k).nonzero().squeeze(1)
             if pos.numel() == 0:
                 continue
-            weight = self.candidates.weights[sub.name].index_select(0, channels[pos])
-            outputs.append(subkernel_conv(x, weight, sub, self.candidates.stride))
+            weights.append(self.candidates.weights[sub.name].index_select(0, channels[pos]))
+            subs.append(sub)
             positions.append(pos)
-        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        out = cakes_conv3d(x, weights, subs, self.candidates.stride)  # op-major, one fused op
         order = torch.cat(positions)
         if not bool((order[1:] > order[:-1]).all()):
             out = out.index_select(1, torch.argsort(order))
