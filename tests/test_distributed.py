@@ -14,19 +14,15 @@ import pytest
 import torch
 
 from cakes.arch import load_arch
+from conftest import TINY_VIDEO
 from cakes.config import compose_config
 from cakes.data.synthetic_video import generate_synthetic_ssv1
 from cakes.distributed import BatchSizeError, ddp_strategy, global_batch, resolve_batch_size
 from cakes.modules.base import CakesModule
 
 ROOT = Path(__file__).resolve().parents[1]
-# tiny synthetic set, a couple of batches (as tests/test_video_e2e.py)
-TINY = [
-    "data.num_classes=4", "data.train_per_class=4", "data.val_per_class=2", "data.video_frames=8",
-    "data.height=40", "data.width=48", "data.num_frames=4", "data.crop_size=32", "data.test_short_side=40",
-    "data.batch_size=4", "data.num_workers=0", "+trainer.limit_train_batches=2",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
-]
+# the shared tiny synthetic set (conftest.TINY_VIDEO), a couple of batches
+TINY = [*TINY_VIDEO, "+trainer.limit_train_batches=2", "trainer.log_every_n_steps=1"]
 GENERATION = {"num_classes": 4, "train_per_class": 4, "val_per_class": 2, "num_frames": 8, "height": 40, "width": 48}
 
 

@@ -16,16 +16,12 @@ import pytorch_lightning as pl
 import torch
 
 from cakes.config import compose_config
+from conftest import TINY_VIDEO
 from cakes.resume import ResumableSampler, newest_checkpoint, resolve_resume
 from cakes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.num_classes=4", "data.train_per_class=4", "data.val_per_class=2", "data.video_frames=8",
-    "data.height=40", "data.width=48", "data.num_frames=4", "data.crop_size=32", "data.test_short_side=40",
-    "data.batch_size=4", "data.num_workers=0", "+trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
-]
+TINY = [*TINY_VIDEO, "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
 # 3 epochs x 3 batches, a periodic checkpoint every 2 steps (so steps 2, 4, 6, 8: two of them mid-epoch)
 RESUMABLE = ["trainer.max_epochs=3", "+trainer.limit_train_batches=3", "trainer.deterministic=true",
              "callbacks.periodic_checkpoint.every_n_train_steps=2", "test=false"]

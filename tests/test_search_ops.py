@@ -14,7 +14,6 @@ from cakes.ops import (
     CostPriority,
     CostPrioritySlot,
     PerformancePriority,
-    PerformancePrioritySlot,
     inflate_2d,
 )
 from cakes.ops.search import cost_shares

@@ -13,30 +13,14 @@ import pytest
 import torch
 
 from cakes.arch import load_arch
+from conftest import TINY_VIDEO
 from cakes.config import compose_config
 from cakes.modules import VideoClassificationModule
 from cakes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# a small synthetic set and a few batches: exercises the real loader and every hook quickly
-TINY = [
-    "data.num_classes=4",
-    "data.train_per_class=4",
-    "data.val_per_class=2",
-    "data.video_frames=8",
-    "data.height=40",
-    "data.width=48",
-    "data.num_frames=4",
-    "data.crop_size=32",
-    "data.test_short_side=40",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "trainer.max_epochs=2",
-    "+trainer.limit_train_batches=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
+TINY = [*TINY_VIDEO, "trainer.max_epochs=2", "+trainer.limit_train_batches=2"]
 
 
 @pytest.fixture()

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from cakes.config import plain
 from cakes.ops.subkernel import SubKernel, parse_counts, resolve_op_set
 
 ARCH_KEYS = ("backbone", "op_set", "layers", "meta")
@@ -73,18 +74,6 @@ class Arch:
                 )
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf/Hydra containers -> plain python data (no interpolation, no instantiation)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return value
-
-
 def _reject_hydra_keys(value: Any, where: str) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
@@ -98,7 +87,7 @@ def _reject_hydra_keys(value: Any, where: str) -> None:
 
 def arch_from_mapping(data: Any, source: str = "arch") -> Arch:
     """Validate the schema of plain data and build an :class:`Arch` (no backbone check)."""
-    data = _plain(data)
+    data = plain(data)
     if not isinstance(data, Mapping):
         raise ArchError(f"{source}: expected a mapping with keys {list(ARCH_KEYS)}, got {type(data).__name__}")
     _reject_hydra_keys(data, source)

@@ -6,8 +6,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+
+def plain(cfg: Any) -> Any:
+    """OmegaConf node -> plain python containers (resolved); anything else passes through."""
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
 def operator_mode(target: str) -> str:

@@ -12,19 +12,12 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cakes.config import plain
 from cakes.ops.search import calibrate_macs_costs
 
 log = logging.getLogger(__name__)
-
-
-def plain(cfg: Any) -> Any:
-    """OmegaConf node -> plain python containers (resolved)."""
-    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
 
 
 def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:

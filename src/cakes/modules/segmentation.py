@@ -30,7 +30,8 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.transforms import ResampleToMatch
 
-from cakes.modules.base import CakesModule, plain
+from cakes.config import plain
+from cakes.modules.base import CakesModule
 from cakes.modules.schedules import Poly
 from cakes.modules.base import first_occurrence
 
