@@ -202,10 +202,9 @@ class PerformancePrioritySlot(SearchSlot):
             weights.append(self.candidates.weights[sub.name].index_select(0, channels[pos]))
             subs.append(sub)
             positions.append(pos)
-        out = cakes_conv3d(x, weights, subs, self.candidates.stride)  # op-major, one fused op
-        order = torch.cat(positions)
-        if not bool((order[1:] > order[:-1]).all()):
-            out = out.index_select(1, torch.argsort(order))
+        order = torch.cat(positions)  # output position of each op-major row
+        in_place = bool((order[1:] > order[:-1]).all())
+        out = cakes_conv3d(x, weights, subs, self.candidates.stride, out_index=None if in_place else order)
         return self._sliced_norm(out, ops * self.width + channels)
 
     def _sliced_norm(self, x: Tensor, entries: Tensor) -> Tensor:
