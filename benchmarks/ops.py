@@ -44,6 +44,9 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "target": (256, 8, 28),
 }
 
+#: input / upstream-gradient memory format (the networks run channels-last by default)
+LAYOUTS = {"channels_last": torch.channels_last_3d, "ncdhw": torch.contiguous_format}
+
 #: name -> sub-kernels, channels split as equally as possible (the remainder goes to the last ones)
 SPLITS: dict[str, tuple[str, ...]] = {
     "thirds": ("3x3x3", "1x3x3", "3x1x1"),
@@ -80,12 +83,16 @@ def make_step(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, train: bool)
     return step
 
 
-def bench_case(channels: int, frames: int, size: int, counts: dict[str, int], args: argparse.Namespace) -> dict:
+def bench_case(
+    channels: int, frames: int, size: int, counts: dict[str, int], layout: str, args: argparse.Namespace
+) -> dict:
     gen = torch.Generator().manual_seed(0)
     dense = nn.Conv3d(channels, channels, 3, padding=1, bias=False)
     cakes = CakesConv3d.from_dense(dense.weight.detach(), counts)
-    x = torch.randn(args.batch, channels, frames, size, size, generator=gen).requires_grad_(True)
-    gy = torch.randn(args.batch, channels, frames, size, size, generator=gen)
+    fmt = LAYOUTS[layout]
+    x = torch.randn(args.batch, channels, frames, size, size, generator=gen).contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+    gy = torch.randn(args.batch, channels, frames, size, size, generator=gen).contiguous(memory_format=fmt)
     result = {}
     for mode in ["train"] + (["eval"] if args.eval else []):
         steps = (make_step(dense, x, gy, mode == "train"), make_step(cakes, x, gy, mode == "train"))
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(SHAPES), default=list(SHAPES), help="shapes to run")
     parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS), metavar="SPLIT",
                         help=f"splits to run, from {list(SPLITS)}")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                        help="memory formats to run (default: both; channels-last is the networks' default)")
     parser.add_argument("--eval", action="store_true", help="also time forward only (no_grad)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"batch {args.batch}, {args.warmup} warm-up + {args.reps} interleaved reps, medians")
     rows = []
-    header = f"{'shape':<22} {'split':<12} {'dense ms':>9} {'cakes ms':>9} {'time ratio':>10} {'MAC ratio':>9} {'time/MAC':>8}"
+    header = f"{'shape':<22} {'layout':<13} {'split':<12} {'dense ms':>9} {'cakes ms':>9} {'time ratio':>10} {'MAC ratio':>9} {'time/MAC':>8}"
     if args.eval:
         header += f" | {'eval dense':>10} {'eval cakes':>10} {'eval ratio':>10}"
     print(header)
@@ -130,24 +139,25 @@ def main(argv: list[str] | None = None) -> None:
     for shape_name in args.only:
         channels, frames, size = SHAPES[shape_name]
         shape = f"{shape_name} {channels}@{frames}x{size}x{size}"
-        for split_name in args.splits:
-            counts = split_counts(channels, SPLITS[split_name])
-            res = bench_case(channels, frames, size, counts, args)
-            d, c = res["train"]
-            mr = mac_ratio(counts)
-            row = (shape, split_name, d, c, c / d, mr, c / d / mr)
-            rows.append(row)
-            line = f"{shape:<22} {split_name:<12} {d:9.1f} {c:9.1f} {c / d:10.3f} {mr:9.3f} {c / d / mr:8.3f}"
-            if args.eval:
-                ed, ec = res["eval"]
-                line += f" | {ed:10.1f} {ec:10.1f} {ec / ed:10.3f}"
-            print(line, flush=True)
+        for layout in args.layouts:
+            for split_name in args.splits:
+                counts = split_counts(channels, SPLITS[split_name])
+                res = bench_case(channels, frames, size, counts, layout, args)
+                d, c = res["train"]
+                mr = mac_ratio(counts)
+                rows.append((shape, layout, split_name, d, c, c / d, mr, c / d / mr))
+                line = f"{shape:<22} {layout:<13} {split_name:<12} {d:9.1f} {c:9.1f} {c / d:10.3f} {mr:9.3f} {c / d / mr:8.3f}"
+                if args.eval:
+                    ed, ec = res["eval"]
+                    line += f" | {ed:10.1f} {ec:10.1f} {ec / ed:10.3f}"
+                print(line, flush=True)
 
     print()
-    print("| shape (C @ TxHxW, batch %d) | split | dense ms | cakes ms | time ratio | MAC ratio | time / MAC |" % args.batch)
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for shape, split, d, c, tr, mr, q in rows:
-        print(f"| {shape} | {split} | {d:.1f} | {c:.1f} | {tr:.3f} | {mr:.3f} | {q:.2f} |")
+    print("| shape (C @ TxHxW, batch %d) | layout | split | dense ms | cakes ms | time ratio | MAC ratio | time / MAC |"
+          % args.batch)
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for shape, layout, split, d, c, tr, mr, q in rows:
+        print(f"| {shape} | {layout} | {split} | {d:.1f} | {c:.1f} | {tr:.3f} | {mr:.3f} | {q:.2f} |")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,18 @@ def test_fast_path_matches_dense(op_set, stride, channels_last):
         assert y.is_contiguous(memory_format=CL)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "channels_last"])
+def test_wide_groups_chunked_forward_and_block_fill(channels_last):
+    """Groups wider than the channels-last forward chunk (32) and not multiples of the oneDNN
+    block (16): the 3x3x3 rows run in chunks, the block fill moves 1x3x3 rows into them."""
+    torch.manual_seed(4)
+    op = CakesConv3d(6, {"3x3x3": 70, "1x3x3": 37, "3x1x1": 21}, bias=True)
+    x = torch.randn(2, 6, 3, 5, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    compare(op, x, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", ALL_SUBKERNELS)
 def test_single_group_every_subkernel(name):
     torch.manual_seed(0)

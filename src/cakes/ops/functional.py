@@ -16,6 +16,8 @@ node, :class:`_CakesConvCPU`, instead of per-group ``F.conv3d`` + ``torch.cat`` 
   of 85 costs about as much as 96 (both layouts): the idle tail of a convolution's last block takes the leading channels
   of the next group when its sub-kernel is contained (e.g. 11 ``1x3x3`` channels ride in the
   ``3x3x3`` convolution, zero-padded), leaving the next convolution fewer blocks;
+* channels-last forward convolutions with a full ``kxkxk`` sub-kernel run in chunks of 32 output
+  channels (oneDNN's own blocking of 96–192 channels is ~25 % slower per channel there);
 * backward computes the input gradient of all groups into one accumulator. oneDNN's backward-data is
   much faster channels-last than on ``NCDHW`` (no blocked-layout reorder of the full-width gradient),
   so it runs there — given only the input's shape, never its values — and for ``NCDHW`` inputs the
@@ -43,6 +45,11 @@ from cakes.ops.subkernel import SubKernel
 Stride = int | tuple[int, int, int]
 
 _CL = torch.channels_last_3d
+#: channels-last forward convolutions with a full k×k×k sub-kernel run in chunks of this many output
+#: channels: oneDNN's channels-last forward (brgconv) costs ~0.39 ms per 3x3x3 output channel at 32
+#: or 256 channels but ~0.49 at 96, 128 or 192 (its 48-channel blocking; 256@8x28x28, batch 2,
+#: 2 threads). 2D sub-kernels cost the same per channel at any width, so they run whole.
+_CL_FORWARD_CHUNK = 32
 _conv_backward = torch.ops.aten.convolution_backward
 
 
@@ -362,17 +369,22 @@ def _forward_cpu(
     for u in units:
         w = _unit_weight(u, weights, subs)
         bias_u = None if bias is None else bias[u.start : u.stop]
-        if u.matmul:
-            if x_s is None:
-                x_s = _spatial_sample(x, stride)
-            if out_index is None:
-                _matmul_forward(x_s, w, u.sub, y, u.start, u.stop, bias_u)
-                continue
+        if not u.matmul:
+            full_3d = all(size > 1 for size in u.sub.size)
+            chunk = _CL_FORWARD_CHUNK if full_3d and _is_cl(x) and _onednn(x) else w.shape[0]
+            for c in range(0, w.shape[0], chunk):
+                bias_c = None if bias_u is None else bias_u[c : c + chunk]
+                rows = F.conv3d(x, w[c : c + chunk], bias_c, stride=stride, padding=u.sub.padding)
+                _put(y, u.start + c, u.start + c + rows.shape[1], rows, out_index)
+            continue
+        if x_s is None:
+            x_s = _spatial_sample(x, stride)
+        if out_index is None:
+            _matmul_forward(x_s, w, u.sub, y, u.start, u.stop, bias_u)
+        else:
             rows = torch.empty((N, u.stop - u.start, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
             _matmul_forward(x_s, w, u.sub, rows, 0, u.stop - u.start, bias_u)
-        else:
-            rows = F.conv3d(x, w, bias_u, stride=stride, padding=u.sub.padding)
-        _put(y, u.start, u.stop, rows, out_index)
+            _put(y, u.start, u.stop, rows, out_index)
     return y
 
 
