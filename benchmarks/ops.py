@@ -14,7 +14,7 @@ as possible), ``1,2D halves`` (1x3x3 / 3x1x1), ``2,3D halves`` (3x3x3 / 1x3x3).
 
     python benchmarks/ops.py               # default run (a few minutes on 2 cores)
     python benchmarks/ops.py --quick       # fewer repetitions
-    python benchmarks/ops.py --only target --splits thirds --reps 30
+    python benchmarks/ops.py --only target --splits thirds --reps 30 --naive
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -64,6 +65,18 @@ def mac_ratio(counts: dict[str, int]) -> float:
     return sum(n * SubKernel.parse(k).volume for k, n in counts.items()) / (sum(counts.values()) * 27)
 
 
+class NaivePerGroup(nn.Module):
+    """The naive form of the same op: ``F.conv3d`` per group, ``torch.cat`` (same weights)."""
+
+    def __init__(self, op: CakesConv3d) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.conv3d(x, self.op.weights[sub.name], padding=sub.padding, stride=self.op.stride)
+                          for sub in self.op.subkernels], dim=1)
+
+
 def make_step(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, train: bool) -> Callable[[], float]:
     params = list(module.parameters())
 
@@ -95,16 +108,16 @@ def bench_case(
     gy = torch.randn(args.batch, channels, frames, size, size, generator=gen).contiguous(memory_format=fmt)
     result = {}
     for mode in ["train"] + (["eval"] if args.eval else []):
-        steps = (make_step(dense, x, gy, mode == "train"), make_step(cakes, x, gy, mode == "train"))
+        modules = (dense, cakes, NaivePerGroup(cakes)) if args.naive else (dense, cakes)
+        steps = tuple(make_step(m, x, gy, mode == "train") for m in modules)
         for _ in range(args.warmup):
             for step in steps:
                 step()
-        times: tuple[list[float], list[float]] = ([], [])
+        times: tuple[list[float], ...] = tuple([] for _ in steps)
         for _ in range(args.reps):
             for step, acc in zip(steps, times):
                 acc.append(step())
-        d, c = (statistics.median(t) * 1e3 for t in times)
-        result[mode] = (d, c)
+        result[mode] = tuple(statistics.median(t) * 1e3 for t in times)
     return result
 
 
@@ -120,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
                         help="memory formats to run (default: both; channels-last is the networks' default)")
     parser.add_argument("--eval", action="store_true", help="also time forward only (no_grad)")
+    parser.add_argument("--naive", action="store_true",
+                        help="also time the naive per-group form (F.conv3d per group + torch.cat)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -143,12 +158,15 @@ def main(argv: list[str] | None = None) -> None:
             for split_name in args.splits:
                 counts = split_counts(channels, SPLITS[split_name])
                 res = bench_case(channels, frames, size, counts, layout, args)
-                d, c = res["train"]
+                d, c, *naive = res["train"]
                 mr = mac_ratio(counts)
-                rows.append((shape, layout, split_name, d, c, c / d, mr, c / d / mr))
+                naive_ratio = naive[0] / d if naive else float("nan")
+                rows.append((shape, layout, split_name, d, c, c / d, mr, c / d / mr, naive_ratio))
                 line = f"{shape:<22} {layout:<13} {split_name:<12} {d:9.1f} {c:9.1f} {c / d:10.3f} {mr:9.3f} {c / d / mr:8.3f}"
+                if args.naive:
+                    line += f" | naive {naive[0]:7.1f} ms, ratio {naive_ratio:.3f} ({naive_ratio / mr:.2f} x MAC)"
                 if args.eval:
-                    ed, ec = res["eval"]
+                    ed, ec = res["eval"][:2]
                     line += f" | {ed:10.1f} {ec:10.1f} {ec / ed:10.3f}"
                 print(line, flush=True)
 
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| shape (C @ TxHxW, batch %d) | layout | split | dense ms | cakes ms | time ratio | MAC ratio | time / MAC |"
           % args.batch)
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for shape, layout, split, d, c, tr, mr, q in rows:
+    for shape, layout, split, d, c, tr, mr, q, _ in rows:
         print(f"| {shape} | {layout} | {split} | {d:.1f} | {c:.1f} | {tr:.3f} | {mr:.3f} | {q:.2f} |")
 
 

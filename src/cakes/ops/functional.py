@@ -17,7 +17,7 @@ node, :class:`_CakesConvCPU`, instead of per-group ``F.conv3d`` + ``torch.cat`` 
   of the next group when its sub-kernel is contained (e.g. 11 ``1x3x3`` channels ride in the
   ``3x3x3`` convolution, zero-padded), leaving the next convolution fewer blocks;
 * channels-last forward convolutions with a full ``kxkxk`` sub-kernel run in chunks of 32 output
-  channels (oneDNN's own blocking of 96–192 channels is ~25 % slower per channel there);
+  channels (oneDNN blocks 85–192 channels by 48 or 64 there, ~25 % slower per channel);
 * backward computes the input gradient of all groups into one accumulator. oneDNN's backward-data is
   much faster channels-last than on ``NCDHW`` (no blocked-layout reorder of the full-width gradient),
   so it runs there — given only the input's shape, never its values — and for ``NCDHW`` inputs the
@@ -47,8 +47,8 @@ Stride = int | tuple[int, int, int]
 _CL = torch.channels_last_3d
 #: channels-last forward convolutions with a full k×k×k sub-kernel run in chunks of this many output
 #: channels: oneDNN's channels-last forward (brgconv) costs ~0.39 ms per 3x3x3 output channel at 32
-#: or 256 channels but ~0.49 at 96, 128 or 192 (its 48-channel blocking; 256@8x28x28, batch 2,
-#: 2 threads). 2D sub-kernels cost the same per channel at any width, so they run whole.
+#: or 256 channels (blocked by 32) but ~0.49 at 96, 128 or 192 (blocked by 48 or 64; 256@8x28x28,
+#: batch 2, 2 threads). 2D sub-kernels cost the same per channel at any width, so they run whole.
 _CL_FORWARD_CHUNK = 32
 _conv_backward = torch.ops.aten.convolution_backward
 
