@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"batch {args.batch}, {args.warmup} warm-up + {args.reps} interleaved reps, medians")
     rows = []
-    header = f"{'shape':<22} {'layout':<13} {'split':<12} {'dense ms':>9} {'cakes ms':>9} {'time ratio':>10} {'MAC ratio':>9} {'time/MAC':>8}"
+    header = (f"{'shape':<22} {'layout':<13} {'split':<12} {'dense ms':>9} {'cakes ms':>9} {'time ratio':>10} "
+              f"{'MAC ratio':>9} {'time/MAC':>8}")
     if args.eval:
         header += f" | {'eval dense':>10} {'eval cakes':>10} {'eval ratio':>10}"
     print(header)
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                 mr = mac_ratio(counts)
                 naive_ratio = naive[0] / d if naive else float("nan")
                 rows.append((shape, layout, split_name, d, c, c / d, mr, c / d / mr, naive_ratio))
-                line = f"{shape:<22} {layout:<13} {split_name:<12} {d:9.1f} {c:9.1f} {c / d:10.3f} {mr:9.3f} {c / d / mr:8.3f}"
+                line = (f"{shape:<22} {layout:<13} {split_name:<12} {d:9.1f} {c:9.1f} {c / d:10.3f} {mr:9.3f} "
+                        f"{c / d / mr:8.3f}")
                 if args.naive:
                     line += f" | naive {naive[0]:7.1f} ms, ratio {naive_ratio:.3f} ({naive_ratio / mr:.2f} x MAC)"
                 if args.eval:

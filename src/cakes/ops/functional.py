@@ -12,9 +12,9 @@ node, :class:`_CakesConvCPU`, instead of per-group ``F.conv3d`` + ``torch.cat`` 
   matrix products on the flattened ``(C, T·H·W)`` view of each sample: temporal tap ``d`` is a column
   offset of ``d·H·W``, so a tap is one exact ``addmm`` over the frames it touches (no padding, no
   im2col, no oneDNN layout reorders) — forward, input gradient and weight gradient;
-* oneDNN runs convolutions in blocks of output channels (16 with AVX-512, else 8), so a group
-  of 85 costs about as much as 96 (both layouts): the idle tail of a convolution's last block takes the leading channels
-  of the next group when its sub-kernel is contained (e.g. 11 ``1x3x3`` channels ride in the
+* oneDNN runs convolutions in blocks of output channels (16 with AVX-512, else 8), so a group of 85
+  costs about as much as 96 (both layouts): the idle tail of a convolution's last block takes the
+  leading channels of the next group when its sub-kernel is contained (e.g. 11 ``1x3x3`` channels ride in the
   ``3x3x3`` convolution, zero-padded), leaving the next convolution fewer blocks;
 * channels-last forward convolutions with a full ``kxkxk`` sub-kernel run in chunks of 32 output
   channels (oneDNN blocks 85–192 channels by 48 or 64 there, ~25 % slower per channel);
@@ -397,8 +397,8 @@ def _matmul_backward(
     sub: SubKernel,
     gx_s: Tensor | None,
 ) -> Tensor | None:
-    """Gradients of a ``kx1x1`` weight on output-gradient rows ``gy[:, a:b]``: accumulates the input gradient into
-    ``gx_s`` (spatially sampled) if given, returns the weight gradient if ``x_s`` is given."""
+    """Gradients of a ``kx1x1`` weight on output-gradient rows ``gy[:, a:b]``: accumulates the input
+    gradient into ``gx_s`` (spatially sampled) if given, returns the weight gradient if ``x_s`` is given."""
     frames, frame = gy.shape[2], gy.shape[3] * gy.shape[4]
     wt = _tap_weights(w)
     gw = w.new_zeros(wt.shape) if x_s is not None else None
@@ -418,7 +418,13 @@ class _CakesConvCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, bias: Tensor | None, subs: tuple[SubKernel, ...], stride, out_index: Tensor | None, *weights: Tensor
+        ctx,
+        x: Tensor,
+        bias: Tensor | None,
+        subs: tuple[SubKernel, ...],
+        stride: tuple[int, int, int],
+        out_index: Tensor | None,
+        *weights: Tensor,
     ) -> Tensor:
         ctx.subs, ctx.stride, ctx.has_bias = subs, stride, bias is not None
         ctx.save_for_backward(x, bias, out_index, *weights)
@@ -508,7 +514,8 @@ class _CakesConvCPU(torch.autograd.Function):
             both = units is groups  # the same partition: one pass over the taps for both gradients
             for g in matmul_x:
                 j = g.parts[0][0]
-                gw = _matmul_backward(*rows(g.start, g.stop), x_s if both and need_w[j] else None, weights[j], g.sub, gx_s)
+                x_w = x_s if both and need_w[j] else None
+                gw = _matmul_backward(*rows(g.start, g.stop), x_w, weights[j], g.sub, gx_s)
                 if gw is not None:
                     _scatter_weight_grad(g, gw, weights, subs, gws, need_w)
             for u in matmul_w:
