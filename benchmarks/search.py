@@ -163,7 +163,7 @@ def network_benchmark(args: argparse.Namespace) -> list[tuple[str, float, float,
             ("perf-priority tiny ResNet-50 vs derived with uniform counts", t["perf"], t["derived"], None)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--channels", type=int, default=128)
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--op-sets", nargs="+", default=["c12d", "c23d", "c123d"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; slot input "
           f"({args.batch}, {args.channels}, {args.frames}, {args.size}, {args.size}), channels-last; "
