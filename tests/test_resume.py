@@ -50,10 +50,10 @@ class TermAtStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def assert_same_final_state(a: Path, b: Path) -> None:
+def assert_same_final_state(a: Path, b: Path, step: int = 9, epoch: int = 2, module: str = "VideoClassificationModule"):
     ca = torch.load(a / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     cb = torch.load(b / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert (ca["global_step"], ca["epoch"]) == (cb["global_step"], cb["epoch"]) == (9, 2)
+    assert (ca["global_step"], ca["epoch"]) == (cb["global_step"], cb["epoch"]) == (step, epoch)
     assert ca["state_dict"].keys() == cb["state_dict"].keys()
     different = [k for k in ca["state_dict"] if not torch.equal(ca["state_dict"][k], cb["state_dict"][k])]
     assert not different, f"weights differ after resume: {different[:5]}"
@@ -61,9 +61,9 @@ def assert_same_final_state(a: Path, b: Path) -> None:
     moments_b = [s["momentum_buffer"] for s in cb["optimizer_states"][0]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(moments_a, moments_b, strict=True))
     # plain data: the module rebuilds from the checkpoint alone under weights_only=True
-    from cakes.modules import VideoClassificationModule
+    import cakes.modules
 
-    model = VideoClassificationModule.load_from_checkpoint(b / "checkpoints" / "last.ckpt", weights_only=True)
+    model = getattr(cakes.modules, module).load_from_checkpoint(b / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(model.state_dict()[next(iter(cb["state_dict"]))], next(iter(cb["state_dict"].values())))
 
 
@@ -169,3 +169,31 @@ def test_sigterm_saves_last_and_resume_matches(tmp_path, monkeypatch):
 
     exports = [load_arch(p).meta["run_dir"] for p in (tmp_path / "found" / "arch").glob("*.yaml")]
     assert sorted(Path(d).name for d in exports) == ["stopped", "whole"]  # one export per run
+
+
+@pytest.mark.slow
+def test_volume_run_resumed_mid_epoch_matches(tmp_path, monkeypatch):
+    """The volumetric track: SIGTERM in the middle of an epoch, resume=auto; order and random crops
+    continue where they stopped (per-sample seeds), so the end state is bit-identical."""
+    monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
+    from test_segmentation import FAST
+
+    def config(out: Path, *extra: str):
+        # 4 training cases, one per step: epochs of 4 steps; stop after step 2, end at step 6
+        cfg = compose_config("train", ["experiment=demo_msd_c3d", *FAST, "trainer.max_steps=6",
+                                       "trainer.val_check_interval=3", "trainer.deterministic=true", "test=false",
+                                       *extra])
+        cfg.paths.output_dir = str(out)
+        return cfg
+
+    run(config(tmp_path / "whole"))
+    cfg = config(tmp_path / "stopped")
+    cfg.callbacks.term = {"_target_": f"{__name__}.TermAtStep", "step": 1}
+    with pytest.raises(SystemExit) as stop:
+        run(cfg)
+    assert not stop.value.code
+    last = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["global_step"], last["epoch"]) == (2, 0)  # mid-epoch
+    run(config(tmp_path / "stopped", "resume=auto"))
+    assert_same_final_state(tmp_path / "whole", tmp_path / "stopped", step=6, epoch=1,
+                            module="VolumeSegmentationModule")

@@ -81,6 +81,21 @@ def test_train_crops_shapes_and_foreground_bias(msd_root: Path) -> None:
     assert set(batch["label"].unique().tolist()) <= {0, 1, 2}
 
 
+def test_train_crops_are_a_function_of_the_sample_seed(msd_root: Path) -> None:
+    """Crops depend on (case, seed) only — not on what was drawn before (resume, workers)."""
+    dm = make_dm(msd_root)
+    dm.setup("fit")
+    samples = dm.train_dataloader().dataset
+    first = samples[(0, 123)]
+    samples[(1, 7)]
+    samples[(0, 99)]
+    again = samples[(0, 123)]
+    other = samples[(0, 124)]
+    for a, b in zip(first, again):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
 def test_split_is_written_and_reusable(msd_root: Path, tmp_path: Path) -> None:
     dm = make_dm(msd_root, split_dir=tmp_path / "run")
     dm.setup("validate")

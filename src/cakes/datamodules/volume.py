@@ -15,6 +15,10 @@ Validation / test batches (one whole volume on the ``spacing`` grid)::
     case: [case id]    index: long (1,)  position of the case in the split (DDP dedup key)
 
 The held-out split serves as both validation and test set (MSD's own test images have no labels).
+
+Training order and augmentation are a pure function of ``(seed, epoch, case)``
+(:class:`~cakes.resume.ResumableSampler` + :class:`SeededSamples`), so a run resumed mid-epoch
+continues with exactly the crops an uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
 from cakes.datamodules.volume_transforms import check_grids, eval_transforms, train_transforms
+from cakes.resume import train_sampler
 
 EVAL_SPACES = ("original", "resampled")
 
@@ -59,6 +63,23 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A MONAI dataset read with the ``(index, seed)`` pairs of a
+    :class:`~cakes.resume.ResumableSampler`: the random transforms are seeded from the pair before
+    each sample, so its crops and flips do not depend on the worker, the order or a resume."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        self.dataset.transform.set_random_state(seed=seed % 2**32)
+        return self.dataset[index]
 
 
 class VolumeDataModule(pl.LightningDataModule):
@@ -282,27 +303,22 @@ class VolumeDataModule(pl.LightningDataModule):
             self.val_set = self._dataset(self._records(split["val"]), evaluation)
             self.test_set = self.val_set
 
-    def _seed(self) -> int:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        state = np.random.SeedSequence([torch.initial_seed(), rank, epoch]).generate_state(1, np.uint32)
-        return int(state[0])
-
     def _loader(self, dataset: Dataset | None, stage: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before requesting its dataloader")
-        seed = self._seed()
-        if train:
-            dataset.transform.set_random_state(seed=seed)  # the main-process stream (num_workers=0)
-        return DataLoader(  # MONAI's: list_data_collate, per-worker transform seeds
+        volumes = self.batch_size // self.crops_per_volume if train else 1
+        sampler = None
+        if train:  # order and crops a pure function of (seed, epoch, case); starts at the resume point
+            sampler = train_sampler(dataset, self.trainer, batch_size=volumes, with_seeds=True)
+            dataset = SeededSamples(dataset)
+        return DataLoader(  # MONAI's: list_data_collate
             dataset,
-            batch_size=self.batch_size // self.crops_per_volume if train else 1,
-            shuffle=train,
+            batch_size=volumes,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:
