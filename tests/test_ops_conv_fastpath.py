@@ -240,3 +240,8 @@ def test_out_index_writes_rows_to_their_channels(channels_last, stride):
         with FlopCounterMode(display=False):
             plain = cakes_conv3d(x, weights, subs, op.stride, op.bias, out_index=out_index)
         torch.testing.assert_close(plain, ref, atol=1e-5, rtol=1e-5)
+    with FlopCounterMode(display=False):  # the plain path's gradients (inverse-permutation backward)
+        plain = cakes_conv3d(x, weights, subs, op.stride, op.bias, out_index=out_index)
+        plain_grads = torch.autograd.grad(plain, [x, op.bias, *weights], gy)
+    for got, want in zip(plain_grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
