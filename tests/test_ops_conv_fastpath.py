@@ -171,6 +171,17 @@ def test_torch_func_transforms_use_the_plain_path():
     xr = x.clone().requires_grad_(True)
     (want,) = torch.autograd.grad(dense_reference(op, xr).square().sum(), [xr])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # with an output permutation (performance-priority slots): the weighting makes the order matter
+    out_index = torch.tensor([3, 0, 4, 1, 2])
+    scale = torch.arange(1.0, 6.0).view(1, -1, 1, 1, 1)
+    weights, subs = [op.weights[s.name] for s in op.subkernels], op.subkernels
+
+    def loss(x):
+        return (cakes_conv3d(x, weights, subs, op.stride, op.bias, out_index=out_index) * scale).square().sum()
+
+    got = torch.func.grad(loss)(x)
+    (want,) = torch.autograd.grad(loss(xr), [xr])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_block_fill_moves_contained_channels_into_the_previous_convolution():
