@@ -14,8 +14,11 @@ node, :class:`_CakesConvCPU`, instead of per-group ``F.conv3d`` + ``torch.cat`` 
   im2col, no oneDNN layout reorders) — forward, input gradient and weight gradient;
 * oneDNN runs convolutions in blocks of output channels (16 with AVX-512, else 8), so a group of 85
   costs about as much as 96 (both layouts): the idle tail of a convolution's last block takes the
-  leading channels of the next group when its sub-kernel is contained (e.g. 11 ``1x3x3`` channels ride in the
-  ``3x3x3`` convolution, zero-padded), leaving the next convolution fewer blocks;
+  leading channels of the next group when its sub-kernel is contained (e.g. 11 ``1x3x3`` channels
+  ride in the ``3x3x3`` convolution, zero-padded), leaving the next convolution fewer blocks;
+* with ``out_index`` (performance-priority slots) rows are scattered to their output channels as
+  they are copied into the output, and their gradients gathered from there — no separate
+  permutation pass;
 * channels-last forward convolutions with a full ``kxkxk`` sub-kernel run in chunks of 32 output
   channels (oneDNN blocks 85–192 channels by 48 or 64 there, ~25 % slower per channel);
 * backward computes the input gradient of all groups into one accumulator. oneDNN's backward-data is
