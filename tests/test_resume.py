@@ -137,6 +137,21 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     assert_same_final_state(whole, killed)
 
 
+def stop_then_resume(config, tmp_path: Path, step: int) -> dict:
+    """``config(out, *overrides)`` run uninterrupted into ``whole``, and into ``stopped`` with a
+    SIGTERM at the start of ``step`` (a clean exit) continued by ``resume=auto``. Returns the
+    checkpoint the stopped run left."""
+    run(config(tmp_path / "whole"))
+    cfg = config(tmp_path / "stopped")
+    cfg.callbacks.term = {"_target_": f"{__name__}.TermAtStep", "step": step}
+    with pytest.raises(SystemExit) as stop:
+        run(cfg)
+    assert not stop.value.code  # a clean exit
+    last = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
+    run(config(tmp_path / "stopped", "resume=auto"))
+    return last
+
+
 @pytest.mark.slow
 def test_sigterm_saves_last_and_resume_matches(tmp_path, monkeypatch):
     """SIGTERM (preemption): the step in flight finishes, last.ckpt is written, the process exits
@@ -149,15 +164,8 @@ def test_sigterm_saves_last_and_resume_matches(tmp_path, monkeypatch):
         cfg.paths.output_dir = str(out)
         return cfg
 
-    run(config(tmp_path / "whole"))
-    cfg = config(tmp_path / "stopped")
-    cfg.callbacks.term = {"_target_": f"{__name__}.TermAtStep", "step": 4}
-    with pytest.raises(SystemExit) as stop:
-        run(cfg)
-    assert not stop.value.code  # a clean exit
-    last = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
+    last = stop_then_resume(config, tmp_path, step=4)
     assert last["global_step"] == 5  # the step in flight when the signal came
-    run(config(tmp_path / "stopped", "resume=auto"))
     assert_same_final_state(tmp_path / "whole", tmp_path / "stopped")
     # the CSV log is continued, not replaced
     import csv
@@ -186,14 +194,7 @@ def test_volume_run_resumed_mid_epoch_matches(tmp_path, monkeypatch):
         cfg.paths.output_dir = str(out)
         return cfg
 
-    run(config(tmp_path / "whole"))
-    cfg = config(tmp_path / "stopped")
-    cfg.callbacks.term = {"_target_": f"{__name__}.TermAtStep", "step": 1}
-    with pytest.raises(SystemExit) as stop:
-        run(cfg)
-    assert not stop.value.code
-    last = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
+    last = stop_then_resume(config, tmp_path, step=1)
     assert (last["global_step"], last["epoch"]) == (2, 0)  # mid-epoch
-    run(config(tmp_path / "stopped", "resume=auto"))
     assert_same_final_state(tmp_path / "whole", tmp_path / "stopped", step=6, epoch=1,
                             module="VolumeSegmentationModule")
