@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from cakes.data.synthetic_video import generate_synthetic_ssv1, synthetic_class_names
+from cakes.datamodules.base import SplitDataModule
 from cakes.datamodules.video_transforms import (
     TSN_SCALES,
     eval_views,
@@ -433,7 +433,7 @@ class SkipNoneCollate:
 
 
 # --------------------------------------------------------------------------- datamodule
-class SomethingSomethingDataModule(pl.LightningDataModule):
+class SomethingSomethingDataModule(SplitDataModule):
     """Something-Something V1/V2 with TSN sampling and augmentation.
 
     Args:
@@ -635,9 +635,7 @@ class SomethingSomethingDataModule(pl.LightningDataModule):
         state = np.random.SeedSequence([torch.initial_seed(), rank, epoch]).generate_state(1, np.uint64)
         return int(state[0] >> np.uint64(1))
 
-    def _loader(self, dataset: SomethingSomethingDataset | None, stage: str, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"call setup({stage!r}) before requesting its dataloader")
+    def make_loader(self, dataset: SomethingSomethingDataset, train: bool) -> DataLoader:
         generator, sampler = None, None
         if train:
             dataset.seed = self._seed()
@@ -655,15 +653,6 @@ class SomethingSomethingDataModule(pl.LightningDataModule):
             collate_fn=SkipNoneCollate(dataset.video_shape),
             generator=generator,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, "fit", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, "validate", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, "test", train=False)
 
 
 class SyntheticSomethingSomethingDataModule(SomethingSomethingDataModule):

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
+from cakes.datamodules.base import SplitDataModule
 from cakes.datamodules.volume_transforms import check_grids, eval_transforms, train_transforms
 from cakes.resume import train_sampler
 
@@ -82,7 +82,7 @@ class SeededSamples(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-class VolumeDataModule(pl.LightningDataModule):
+class VolumeDataModule(SplitDataModule):
     """Base of :class:`~cakes.datamodules.msd.MSDDataModule` and
     :class:`~cakes.datamodules.nih.NIHPancreasDataModule`.
 
@@ -303,9 +303,7 @@ class VolumeDataModule(pl.LightningDataModule):
             self.val_set = self._dataset(self._records(split["val"]), evaluation)
             self.test_set = self.val_set
 
-    def _loader(self, dataset: Dataset | None, stage: str, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"call setup({stage!r}) before requesting its dataloader")
+    def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
         volumes = self.batch_size // self.crops_per_volume if train else 1
         sampler = None
         if train:  # order and crops a pure function of (seed, epoch, case); starts at the resume point
@@ -320,12 +318,3 @@ class VolumeDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, "fit", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, "validate", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, "test", train=False)

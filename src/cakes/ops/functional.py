@@ -483,7 +483,7 @@ class _CakesConvCPU(torch.autograd.Function):
             gy_m = gy.contiguous(memory_format=fmt)
 
             def rows(a: int, b: int) -> tuple[Tensor, int, int]:  # output-gradient rows [a, b) of a unit
-                return (gy_m, a, b) if out_index is None else (_gather_channels(gy_m, out_index[a:b]), 0, b - a)
+                return (gy_m, a, b) if out_index is None else (take(a, b, fmt), 0, b - a)
 
             x_s = _spatial_sample(x, stride) if matmul_w else None
             sampled = stride[1] > 1 or stride[2] > 1
