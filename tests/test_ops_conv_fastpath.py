@@ -256,3 +256,34 @@ def test_out_index_writes_rows_to_their_channels(channels_last, stride):
         plain_grads = torch.autograd.grad(plain, [x, op.bias, *weights], gy)
     for got, want in zip(plain_grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "channels_last"])
+def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_last, monkeypatch):
+    """At stride 1 the input gradient of every group (the kx1x1 one too) is an accumulating oneDNN
+    forward convolution reading the output-gradient channels in place; with that op unavailable the
+    per-group ``convolution_backward`` path gives the same gradients. Backward twice (retain_graph)."""
+    from cakes.ops import functional
+
+    assert functional._conv_add is not None, "this PyTorch build should provide mkldnn._convolution_pointwise_"
+    calls = []
+    input_grad = functional._input_grad
+    monkeypatch.setattr(functional, "_input_grad", lambda gx, gy, w, sub: calls.append(sub.name) or input_grad(gx, gy, w, sub))
+    torch.manual_seed(8)
+    op = CakesConv3d(6, {"3x3x3": 19, "1x3x3": 20, "3x1x1": 21}, bias=True)
+    x = torch.randn(2, 6, 4, 5, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    compare(op, x)
+    assert calls == ["3x3x3", "1x3x3", "3x1x1"]
+    x = x.detach().requires_grad_(True)
+    y = op(x)
+    gy = torch.randn_like(y)
+    first = torch.autograd.grad(y, [x, *op.parameters()], gy, retain_graph=True)
+    second = torch.autograd.grad(y, [x, *op.parameters()], gy)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    calls.clear()
+    monkeypatch.setattr(functional, "_conv_add", None)
+    compare(op, x)
+    assert calls == []

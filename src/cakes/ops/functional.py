@@ -8,29 +8,35 @@ On CPU (float32/float64, no ``TorchDispatchMode`` active) :func:`cakes_conv3d` r
 node, :class:`_CakesConvCPU`, instead of per-group ``F.conv3d`` + ``torch.cat`` + bias:
 
 * every group writes into one preallocated output (no ``cat``; the bias is fused);
-* sub-kernels without spatial extent (``3x1x1``, ``1x1x1``; temporal stride 1) run as shifted
-  matrix products on the flattened ``(C, T·H·W)`` view of each sample: temporal tap ``d`` is a column
-  offset of ``d·H·W``, so a tap is one exact ``addmm`` over the frames it touches (no padding, no
-  im2col, no oneDNN layout reorders) — forward, input gradient and weight gradient;
 * oneDNN runs convolutions in blocks of output channels (16 with AVX-512, else 8), so a group of 85
   costs about as much as 96 (both layouts): the idle tail of a convolution's last block takes the
   leading channels of the next group when its sub-kernel is contained (e.g. 11 ``1x3x3`` channels
   ride in the ``3x3x3`` convolution, zero-padded), leaving the next convolution fewer blocks;
-* with ``out_index`` (performance-priority slots) rows are scattered to their output channels as
-  they are copied into the output, and their gradients gathered from there — no separate
-  permutation pass;
 * channels-last forward convolutions with a full ``kxkxk`` sub-kernel run in chunks of 32 output
   channels (oneDNN blocks 85–192 channels by 48 or 64 there, ~25 % slower per channel);
-* backward computes the input gradient of all groups into one accumulator. oneDNN's backward-data is
-  much faster channels-last than on ``NCDHW`` (no blocked-layout reorder of the full-width gradient),
-  so it runs there — given only the input's shape, never its values — and for ``NCDHW`` inputs the
-  accumulator is transposed back once at the end. Weight gradients stay in the input's layout.
-  Channels-last (the networks' default) is the faster layout for every part.
+* at stride 1 the input gradient is computed as forward convolutions of the output-gradient rows
+  with the flipped, transposed kernels, which oneDNN adds in place into one channels-last
+  accumulator (a binary post-op; it reads the rows where they are, no copies and no sum);
+  otherwise per group with ``convolution_backward``, also channels-last (much faster there than
+  on ``NCDHW``: no blocked-layout reorder of the full-width gradient), summed. For ``NCDHW``
+  inputs the accumulator is transposed back once at the end. Weight gradients stay in the input's
+  layout; the unit weights built for the forward (layout conversion, block fill) are reused;
+* sub-kernels without spatial extent (``3x1x1``, ``1x1x1``; temporal stride 1) compute their weight
+  gradient — and their forward on ``NCDHW`` or float64, their input gradient at other strides or
+  in float64 — as shifted matrix products on the flattened ``(C, T·H·W)`` view of each sample: temporal tap
+  ``d`` is a column offset of ``d·H·W``, so a tap is one exact ``addmm`` over the frames it touches
+  (no padding, no im2col, no oneDNN layout reorders). A channels-last convolution reads the input
+  once for all taps, the products once per tap, so oneDNN computes the rest there;
+* with ``out_index`` (performance-priority slots) rows are scattered to their output channels as
+  they are copied into the output, and their gradients gathered from there — no separate
+  permutation pass.
+
+Channels-last (the networks' default) is the faster layout for every part.
 
 Everywhere else (GPU, meta, other dtypes, FLOP/MAC counters and other dispatch modes, ``torch.func``
 transforms) it is the plain per-group form, so counters see the ``aten.convolution`` calls of the
 closed-form MAC count. The CPU path itself calls ``aten.convolution``, ``aten.convolution_backward``,
-``aten.mm`` and ``aten.addmm`` (the block fill computes a few zero taps, so a counter run on it would
+``mkldnn._convolution_pointwise_``, ``aten.mm`` and ``aten.addmm`` (the block fill computes a few zero taps, so a counter run on it would
 see slightly more MACs than the closed form — one reason counters get the plain path).
 """
 
@@ -54,6 +60,9 @@ _CL = torch.channels_last_3d
 #: batch 2, 2 threads). 2D sub-kernels cost the same per channel at any width, so they run whole.
 _CL_FORWARD_CHUNK = 32
 _conv_backward = torch.ops.aten.convolution_backward
+#: oneDNN convolution with an in-place binary post-op (``other = conv(x) + other``), used by
+#: Inductor's CPU fusions; absent in builds without oneDNN
+_conv_add = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None) if torch.backends.mkldnn.is_available() else None
 
 
 def as_triple(stride: Stride) -> tuple[int, int, int]:
@@ -95,7 +104,7 @@ def cakes_conv3d(
         tensors = (x, bias, *weights)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return _CakesConvCPU.apply(x, bias, subs, stride, out_index, *weights)
-        return _forward_cpu(x, list(weights), subs, stride, bias, out_index)
+        return _forward_cpu(x, list(weights), subs, stride, bias, out_index)[0]
     return _forward_plain(x, weights, subs, stride, bias, out_index)
 
 
@@ -338,23 +347,29 @@ def _forward_cpu(
     stride: tuple[int, int, int],
     bias: Tensor | None,
     out_index: Tensor | None,
-) -> Tensor:
+) -> tuple[Tensor, list[Tensor]]:
+    """The output and the weight of each unit (``_units`` with the fill block), in ``x``'s layout
+    when ``weights`` are (see :func:`_layout_weights`)."""
     units = _units(subs, [w.shape[0] for w in weights], stride, _fill_block(x))
+    unit_weights = [_unit_weight(u, weights, subs) for u in units]
     if len(units) == 1 and not units[0].matmul and out_index is None:
-        return F.conv3d(x, _unit_weight(units[0], weights, subs), bias, stride=stride, padding=units[0].sub.padding)
+        y = F.conv3d(x, unit_weights[0], bias, stride=stride, padding=units[0].sub.padding)
+        return y, unit_weights
     N, _, T, H, W = x.shape
     fmt = _fmt(x)
     out_size = (_out_len(T, stride[0]), _out_len(H, stride[1]), _out_len(W, stride[2]))
     y = torch.empty((N, units[-1].stop, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
     if bias is not None and out_index is not None:
         bias = bias.index_select(0, out_index)  # per row
+    # oneDNN channels-last convolutions read the input once for all taps; the shifted matrix products
+    # read it once per tap, which costs more than the extra copy into the output there
+    onednn_cl = _onednn(x) and _is_cl(x)
     x_s = None
-    for u in units:
-        w = _unit_weight(u, weights, subs)
+    for u, w in zip(units, unit_weights):
         bias_u = None if bias is None else bias[u.start : u.stop]
-        if not u.matmul:
+        if not u.matmul or onednn_cl:
             full_3d = all(size > 1 for size in u.sub.size)
-            chunk = _CL_FORWARD_CHUNK if full_3d and _is_cl(x) and _onednn(x) else w.shape[0]
+            chunk = _CL_FORWARD_CHUNK if full_3d and onednn_cl else w.shape[0]
             for c in range(0, w.shape[0], chunk):
                 bias_c = None if bias_u is None else bias_u[c : c + chunk]
                 rows = F.conv3d(x, w[c : c + chunk], bias_c, stride=stride, padding=u.sub.padding)
@@ -368,7 +383,30 @@ def _forward_cpu(
             rows = torch.empty((N, u.stop - u.start, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
             _matmul_forward(x_s, w, u.sub, rows, 0, u.stop - u.start, bias_u)
             _put(y, u.start, u.stop, rows, out_index)
-    return y
+    return y, unit_weights
+
+
+def _layout_weights(x: Tensor, weights: Sequence[Tensor], subs: Sequence[SubKernel], stride) -> list[Tensor]:
+    """Convolution weights in ``x``'s layout, converted once per step (``F.conv3d`` and its backward
+    would convert them on every call: channels-last input -> channels-last weight)."""
+    fmt = _fmt(x)
+    return [w if _is_matmul(sub, stride) else w.contiguous(memory_format=fmt) for w, sub in zip(weights, subs)]
+
+
+def _input_grad(gx: Tensor | None, gy_rows: Tensor, w: Tensor, sub: SubKernel) -> Tensor:
+    """``gx +`` the input gradient of a stride-1 convolution with weight ``w`` ``(n, C_in, *sub.size)``
+    (``gx`` updated in place; ``None``: a new tensor).
+
+    ``gy_rows``: ``(N, n, T, H, W)`` channels-last (a channel slice of the whole output gradient is
+    fine); ``gx``: ``(N, C_in, T, H, W)`` channels-last. The input gradient is the forward
+    convolution of ``gy_rows`` with the flipped, transposed kernel (odd sizes: the same padding);
+    oneDNN adds it into ``gx`` as a binary post-op, so there is no gradient tensor per group and no
+    separate sum. Same values as ``convolution_backward``'s."""
+    w_t = w.flip(2, 3, 4).transpose(0, 1).contiguous(memory_format=_CL)
+    if gx is None:
+        return F.conv3d(gy_rows, w_t, padding=sub.padding).contiguous(memory_format=_CL)
+    one = [1, 1, 1]
+    return _conv_add.binary(gx, gy_rows, w_t, None, list(sub.padding), one, one, 1, "add", None, None, [], None)
 
 
 def _matmul_backward(
@@ -411,7 +449,10 @@ class _CakesConvCPU(torch.autograd.Function):
     ) -> Tensor:
         ctx.subs, ctx.stride, ctx.has_bias = subs, stride, bias is not None
         ctx.save_for_backward(x, bias, out_index, *weights)
-        return _forward_cpu(x, list(weights), subs, stride, bias, out_index)
+        # computed without autograd: kept on ctx (not inputs or outputs), reused by backward
+        ctx.layout_weights = _layout_weights(x, weights, subs, stride)
+        y, ctx.unit_weights = _forward_cpu(x, ctx.layout_weights, subs, stride, bias, out_index)
+        return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -436,10 +477,13 @@ class _CakesConvCPU(torch.autograd.Function):
         sizes = [w.shape[0] for w in weights]
         groups = _units(subs, sizes, stride, 0)
         units = _units(subs, sizes, stride, _fill_block(x))
+        layout_weights, unit_weights = ctx.layout_weights, dict(zip(units, ctx.unit_weights))
         # oneDNN's backward-data is much faster channels-last: compute it per group there into one
-        # accumulator (for NCDHW inputs transposed back once at the end); weight gradients per unit,
-        # in the input's layout
+        # channels-last accumulator (for NCDHW inputs transposed back once at the end); at stride 1
+        # as forward convolutions that add into it in place (_input_grad). Weight
+        # gradients per unit, in the input's layout
         cl_data = need_x and _onednn(x)
+        fused_data = cl_data and stride == (1, 1, 1) and _conv_add is not None
         if not cl_data:
             units = groups  # data and weight gradients together, per group
 
@@ -453,7 +497,11 @@ class _CakesConvCPU(torch.autograd.Function):
             taken[a, b] = rows if fmt is None else rows.contiguous(memory_format=fmt)
             return taken[a, b]
 
-        if cl_data:
+        if fused_data:
+            for g in groups:
+                gy_g = gy[:, g.start : g.stop] if out_index is None and _is_cl(gy) else take(g.start, g.stop, _CL)
+                gx = _input_grad(gx, gy_g, layout_weights[g.parts[0][0]], g.sub)
+        elif cl_data:
             like_cl = x if fmt is _CL else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
             for g in groups:
                 if g.matmul:
@@ -461,7 +509,8 @@ class _CakesConvCPU(torch.autograd.Function):
                 conv = (list(stride), list(g.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
                 gy_g = take(g.start, g.stop, _CL)
                 # backward-data reads only the input's shape and layout (channels-last), never its values
-                gi = _conv_backward(gy_g, like_cl, weights[g.parts[0][0]], None, *conv, [True, False, False])[0]
+                w = layout_weights[g.parts[0][0]]
+                gi = _conv_backward(gy_g, like_cl, w, None, *conv, [True, False, False])[0]
                 gx = gi if gx is None else gx.add_(gi)
         for u in units:
             if u.matmul:
@@ -470,14 +519,14 @@ class _CakesConvCPU(torch.autograd.Function):
             want_w = any(need_w[j] for j, _, _ in u.parts)
             if want_x or want_w:
                 conv = (list(stride), list(u.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
-                w = _unit_weight(u, weights, subs)
+                w = unit_weights[u] if u in unit_weights else _unit_weight(u, layout_weights, subs)
                 gi, gw, _ = _conv_backward(take(u.start, u.stop), x, w, None, *conv, [want_x, want_w, False])
                 if want_x:
                     gx = gi if gx is None else gx.add_(gi)
                 if want_w:
                     _scatter_weight_grad(u, gw, weights, subs, gws, need_w)
 
-        matmul_x = [g for g in groups if g.matmul] if need_x else []
+        matmul_x = [g for g in groups if g.matmul] if need_x and not fused_data else []
         matmul_w = [u for u in units if u.matmul and need_w[u.parts[0][0]]]
         if matmul_x or matmul_w:
             gy_m = gy.contiguous(memory_format=fmt)
