@@ -81,10 +81,14 @@ def test_wide_groups_chunked_forward_and_block_fill(channels_last):
 
 @pytest.mark.parametrize("name", ALL_SUBKERNELS)
 def test_single_group_every_subkernel(name):
+    """Every sub-kernel alone, both layouts, every stride including temporal-only (channels-last
+    1xkxk / kx1x1 convolutions run as 2-D ones where their strides allow)."""
     torch.manual_seed(0)
-    for stride in STRIDES:
+    for stride in [*STRIDES, (2, 1, 1)]:
         op = CakesConv3d(3, {name: 5}, stride=stride, bias=True)
-        compare(op, torch.randn(1, 3, 5, 6, 7))
+        x = torch.randn(2, 3, 5, 6, 7)
+        compare(op, x)
+        compare(op, x.contiguous(memory_format=CL), grad_layout=CL)
 
 
 def test_zero_counts_kernel5_short_clips_and_gradient_layouts():
@@ -260,15 +264,16 @@ def test_out_index_writes_rows_to_their_channels(channels_last, stride):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "channels_last"])
 def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_last, monkeypatch):
-    """At stride 1 the input gradient of every group (the kx1x1 one too) is an accumulating oneDNN
-    forward convolution reading the output-gradient channels in place; with that op unavailable the
-    per-group ``convolution_backward`` path gives the same gradients. Backward twice (retain_graph)."""
+    """At stride 1 the input gradient of every group (the kx1x1 one too) after the first is an
+    accumulating oneDNN forward convolution reading the output-gradient channels in place; with that
+    op unavailable the per-group ``convolution_backward`` path gives the same gradients. Backward
+    twice (retain_graph)."""
     from cakes.ops import functional
 
     assert functional._conv_add is not None, "this PyTorch build should provide mkldnn._convolution_pointwise_"
     calls = []
     input_grad = functional._input_grad
-    monkeypatch.setattr(functional, "_input_grad", lambda gx, gy, w, sub: calls.append(sub.name) or input_grad(gx, gy, w, sub))
+    monkeypatch.setattr(functional, "_input_grad", lambda *args: calls.append(args[3].name) or input_grad(*args))
     torch.manual_seed(8)
     op = CakesConv3d(6, {"3x3x3": 19, "1x3x3": 20, "3x1x1": 21}, bias=True)
     x = torch.randn(2, 6, 4, 5, 6)
@@ -287,3 +292,22 @@ def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_la
     monkeypatch.setattr(functional, "_conv_add", None)
     compare(op, x)
     assert calls == []
+
+
+def test_planar_views_of_unit_axes():
+    """Which channels-last convolutions run as 2-D ones, and that their views share memory and invert."""
+    from cakes.ops.functional import _Planar
+
+    x = torch.randn(2, 6, 4, 5, 3).contiguous(memory_format=CL)
+    plane = _Planar.of(SubKernel.parse("1x3x3"), (1, 2, 2), x)
+    assert plane == _Planar(True, [2, 2], [1, 1])
+    assert _Planar.of(SubKernel.parse("3x1x1"), (2, 1, 1), x) == _Planar(False, [2, 1], [1, 0])
+    for name, stride in [("1x3x3", (2, 1, 1)), ("3x1x1", (1, 2, 2)), ("3x3x3", (1, 1, 1)), ("3x1x3", (1, 1, 1))]:
+        assert _Planar.of(SubKernel.parse(name), stride, x) is None
+    assert _Planar.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.contiguous()) is None  # NCDHW
+    assert _Planar.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.double()) is None  # no oneDNN for float64
+    for plane in (_Planar(True, [1, 1], [1, 1]), _Planar(False, [1, 1], [1, 0])):
+        for t in (x, x[:, 2:5]):  # a channel slice has the views too
+            v = plane.view(t)
+            assert v.dim() == 4 and v.data_ptr() == t.data_ptr()
+            assert torch.equal(plane.unview(v, t), t)

@@ -228,6 +228,48 @@ def _to_fmt(t: Tensor, fmt: torch.memory_format) -> Tensor:
 
 
 @dataclass(frozen=True)
+class _Planar:
+    """A channels-last float32 convolution whose sub-kernel has a size-1 axis pair run as a 2-D one
+    on views (oneDNN's 2-D kernels are 5–15 % faster than its 3-D ones with unit axes):
+
+    * ``frames`` — a ``1xkxk`` kernel at temporal stride 1: ``(N·T, C, H, W)``, kernel ``k x k``;
+    * otherwise — a ``kx1x1`` kernel at spatial stride 1: ``(N, C, T, H·W)``, kernel ``k x 1``.
+
+    Channels-last tensors and their channel slices have both views."""
+
+    frames: bool
+    stride: list[int]
+    padding: list[int]
+
+    @staticmethod
+    def of(sub: SubKernel, stride: tuple[int, int, int], x: Tensor) -> _Planar | None:
+        if not (_is_cl(x) and _onednn(x)):
+            return None
+        if sub.size[0] == 1 and stride[0] == 1:
+            return _Planar(True, list(stride[1:]), list(sub.padding[1:]))
+        if sub.size[1:] == (1, 1) and stride[1:] == (1, 1):
+            return _Planar(False, [stride[0], 1], [sub.padding[0], 0])
+        return None
+
+    def view(self, t: Tensor) -> Tensor:
+        """``(N, C, T, H, W)`` -> the 2-D view."""
+        n, c, frames, h, w = t.shape
+        return t.transpose(1, 2).view(n * frames, c, h, w) if self.frames else t.view(n, c, frames, h * w)
+
+    def unview(self, t: Tensor, like: Tensor) -> Tensor:
+        """A 2-D result -> ``(N, C', T, H, W)`` (``like``: a 5-D tensor of the same N, T, H, W)."""
+        n, _, frames, h, w = like.shape
+        return t.view(n, frames, *t.shape[1:]).transpose(1, 2) if self.frames else t.view(n, -1, frames, h, w)
+
+    def weight(self, w: Tensor) -> Tensor:
+        """``(out, in, 1, k, k) -> (out, in, k, k)`` or ``(out, in, k, 1, 1) -> (out, in, k, 1)``."""
+        return w[:, :, 0] if self.frames else w[:, :, :, :, 0]
+
+    def unweight(self, g: Tensor) -> Tensor:
+        return g.unsqueeze(2) if self.frames else g.unsqueeze(4)
+
+
+@dataclass(frozen=True)
 class _Unit:
     """Output rows ``[start, stop)`` computed by one call: a convolution with kernel ``sub``, or shifted
     matrix products for a ``kx1x1`` sub-kernel. ``parts``: the ``(group, first row, end row)`` weight
@@ -372,7 +414,11 @@ def _forward_cpu(
             chunk = _CL_FORWARD_CHUNK if full_3d and onednn_cl else w.shape[0]
             for c in range(0, w.shape[0], chunk):
                 bias_c = None if bias_u is None else bias_u[c : c + chunk]
-                rows = F.conv3d(x, w[c : c + chunk], bias_c, stride=stride, padding=u.sub.padding)
+                if plane := _Planar.of(u.sub, stride, x):
+                    rows = F.conv2d(plane.view(x), plane.weight(w[c : c + chunk]), bias_c, plane.stride, plane.padding)
+                    rows = plane.unview(rows, y)
+                else:
+                    rows = F.conv3d(x, w[c : c + chunk], bias_c, stride=stride, padding=u.sub.padding)
                 _put(y, u.start + c, u.start + c + rows.shape[1], rows, out_index)
             continue
         if x_s is None:
@@ -393,20 +439,29 @@ def _layout_weights(x: Tensor, weights: Sequence[Tensor], subs: Sequence[SubKern
     return [w if _is_matmul(sub, stride) else w.contiguous(memory_format=fmt) for w, sub in zip(weights, subs)]
 
 
-def _input_grad(gx: Tensor | None, gy_rows: Tensor, w: Tensor, sub: SubKernel) -> Tensor:
-    """``gx +`` the input gradient of a stride-1 convolution with weight ``w`` ``(n, C_in, *sub.size)``
-    (``gx`` updated in place; ``None``: a new tensor).
+def _input_grad(gx: Tensor | None, gy_rows: Tensor, w: Tensor, sub: SubKernel, like: Tensor) -> Tensor:
+    """``gx +`` the input gradient of a stride-1 convolution with weight ``w`` ``(n, C_in, *sub.size)``:
+    ``gx`` updated in place, or (``None``) a new tensor.
 
     ``gy_rows``: ``(N, n, T, H, W)`` channels-last (a channel slice of the whole output gradient is
-    fine); ``gx``: ``(N, C_in, T, H, W)`` channels-last. The input gradient is the forward
-    convolution of ``gy_rows`` with the flipped, transposed kernel (odd sizes: the same padding);
-    oneDNN adds it into ``gx`` as a binary post-op, so there is no gradient tensor per group and no
+    fine); ``gx`` and ``like`` (only its shape is read): ``(N, C_in, T, H, W)`` channels-last. A new
+    tensor comes from ``convolution_backward``; otherwise the input gradient is computed as the
+    forward convolution of ``gy_rows`` with the flipped, transposed kernel (odd sizes: the same
+    padding), which oneDNN adds into ``gx`` as a binary post-op — no gradient tensor per group, no
     separate sum. Same values as ``convolution_backward``'s."""
-    w_t = w.flip(2, 3, 4).transpose(0, 1).contiguous(memory_format=_CL)
+    plane = _Planar.of(sub, (1, 1, 1), like)
+    view = plane.view if plane else (lambda t: t)
+    padding = plane.padding if plane else list(sub.padding)
+    one = [1] * len(padding)
     if gx is None:
-        return F.conv3d(gy_rows, w_t, padding=sub.padding).contiguous(memory_format=_CL)
-    one = [1, 1, 1]
-    return _conv_add.binary(gx, gy_rows, w_t, None, list(sub.padding), one, one, 1, "add", None, None, [], None)
+        w_v = plane.weight(w) if plane else w
+        conv = (one, padding, one, False, [0] * len(padding), 1)
+        gi = _conv_backward(view(gy_rows), view(like), w_v, None, *conv, [True, False, False])[0]
+        return plane.unview(gi, like) if plane else gi
+    w_t = w.transpose(0, 1).flip(2, 3, 4)  # one copy; oneDNN reorders weights into its own layout anyway
+    w_t = plane.weight(w_t) if plane else w_t
+    _conv_add.binary(view(gx), view(gy_rows), w_t, None, padding, one, one, 1, "add", None, None, [], None)
+    return gx
 
 
 def _matmul_backward(
@@ -497,12 +552,12 @@ class _CakesConvCPU(torch.autograd.Function):
             taken[a, b] = rows if fmt is None else rows.contiguous(memory_format=fmt)
             return taken[a, b]
 
+        like_cl = x if fmt is _CL else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
         if fused_data:
             for g in groups:
                 gy_g = gy[:, g.start : g.stop] if out_index is None and _is_cl(gy) else take(g.start, g.stop, _CL)
-                gx = _input_grad(gx, gy_g, layout_weights[g.parts[0][0]], g.sub)
+                gx = _input_grad(gx, gy_g, layout_weights[g.parts[0][0]], g.sub, like_cl)
         elif cl_data:
-            like_cl = x if fmt is _CL else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
             for g in groups:
                 if g.matmul:
                     continue
@@ -518,9 +573,16 @@ class _CakesConvCPU(torch.autograd.Function):
             want_x = need_x and not cl_data
             want_w = any(need_w[j] for j, _, _ in u.parts)
             if want_x or want_w:
-                conv = (list(stride), list(u.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
                 w = unit_weights[u] if u in unit_weights else _unit_weight(u, layout_weights, subs)
-                gi, gw, _ = _conv_backward(take(u.start, u.stop), x, w, None, *conv, [want_x, want_w, False])
+                plane = _Planar.of(u.sub, stride, x)
+                if plane and not want_x:
+                    conv = (plane.stride, plane.padding, [1, 1], False, [0, 0], 1)
+                    gy_u = plane.view(take(u.start, u.stop, _CL))  # oneDNN copies a slice anyway
+                    gw = _conv_backward(gy_u, plane.view(x), plane.weight(w), None, *conv, [False, True, False])[1]
+                    gw = plane.unweight(gw)
+                else:
+                    conv = (list(stride), list(u.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
+                    gi, gw, _ = _conv_backward(take(u.start, u.stop), x, w, None, *conv, [want_x, want_w, False])
                 if want_x:
                     gx = gi if gx is None else gx.add_(gi)
                 if want_w:
