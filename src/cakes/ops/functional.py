@@ -257,9 +257,10 @@ class _Planar:
         return t.transpose(1, 2).view(n * frames, c, h, w) if self.frames else t.view(n, c, frames, h * w)
 
     def unview(self, t: Tensor, like: Tensor) -> Tensor:
-        """A 2-D result -> ``(N, C', T, H, W)`` (``like``: a 5-D tensor of the same N, T, H, W)."""
-        n, _, frames, h, w = like.shape
-        return t.view(n, frames, *t.shape[1:]).transpose(1, 2) if self.frames else t.view(n, -1, frames, h, w)
+        """A 2-D result -> ``(N, C', T', H', W')``; ``like``: the 5-D input of the convolution (the
+        axes a view merges keep their sizes: stride 1)."""
+        n, _, _, h, w = like.shape
+        return t.view(n, -1, *t.shape[1:]).transpose(1, 2) if self.frames else t.view(*t.shape[:3], h, w)
 
     def weight(self, w: Tensor) -> Tensor:
         """``(out, in, 1, k, k) -> (out, in, k, k)`` or ``(out, in, k, 1, 1) -> (out, in, k, 1)``."""
@@ -382,6 +383,13 @@ def _take(gy: Tensor, a: int, b: int, out_index: Tensor | None) -> Tensor:
     return gy[:, a:b] if out_index is None else _gather_channels(gy, out_index[a:b])
 
 
+def _conv(x: Tensor, w: Tensor, bias: Tensor | None, sub: SubKernel, stride: tuple[int, int, int]) -> Tensor:
+    """:func:`subkernel_conv` (+ bias), as a 2-D convolution where :class:`_Planar` applies."""
+    if plane := _Planar.of(sub, stride, x):
+        return plane.unview(F.conv2d(plane.view(x), plane.weight(w), bias, plane.stride, plane.padding), x)
+    return F.conv3d(x, w, bias, stride=stride, padding=sub.padding)
+
+
 def _forward_cpu(
     x: Tensor,
     weights: list[Tensor],
@@ -394,18 +402,17 @@ def _forward_cpu(
     when ``weights`` are (see :func:`_layout_weights`)."""
     units = _units(subs, [w.shape[0] for w in weights], stride, _fill_block(x))
     unit_weights = [_unit_weight(u, weights, subs) for u in units]
-    if len(units) == 1 and not units[0].matmul and out_index is None:
-        y = F.conv3d(x, unit_weights[0], bias, stride=stride, padding=units[0].sub.padding)
-        return y, unit_weights
+    # oneDNN channels-last convolutions read the input once for all taps; the shifted matrix products
+    # read it once per tap, which costs more than the extra copy into the output there
+    onednn_cl = _onednn(x) and _is_cl(x)
+    if len(units) == 1 and (onednn_cl or not units[0].matmul) and out_index is None:
+        return _conv(x, unit_weights[0], bias, units[0].sub, stride), unit_weights
     N, _, T, H, W = x.shape
     fmt = _fmt(x)
     out_size = (_out_len(T, stride[0]), _out_len(H, stride[1]), _out_len(W, stride[2]))
     y = torch.empty((N, units[-1].stop, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
     if bias is not None and out_index is not None:
         bias = bias.index_select(0, out_index)  # per row
-    # oneDNN channels-last convolutions read the input once for all taps; the shifted matrix products
-    # read it once per tap, which costs more than the extra copy into the output there
-    onednn_cl = _onednn(x) and _is_cl(x)
     x_s = None
     for u, w in zip(units, unit_weights):
         bias_u = None if bias is None else bias[u.start : u.stop]
@@ -414,11 +421,7 @@ def _forward_cpu(
             chunk = _CL_FORWARD_CHUNK if full_3d and onednn_cl else w.shape[0]
             for c in range(0, w.shape[0], chunk):
                 bias_c = None if bias_u is None else bias_u[c : c + chunk]
-                if plane := _Planar.of(u.sub, stride, x):
-                    rows = F.conv2d(plane.view(x), plane.weight(w[c : c + chunk]), bias_c, plane.stride, plane.padding)
-                    rows = plane.unview(rows, y)
-                else:
-                    rows = F.conv3d(x, w[c : c + chunk], bias_c, stride=stride, padding=u.sub.padding)
+                rows = _conv(x, w[c : c + chunk], bias_c, u.sub, stride)
                 _put(y, u.start + c, u.start + c + rows.shape[1], rows, out_index)
             continue
         if x_s is None:
