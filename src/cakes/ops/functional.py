@@ -16,7 +16,7 @@ node, :class:`_CakesConvCPU`, instead of per-group ``F.conv3d`` + ``torch.cat`` 
   channels (oneDNN blocks 85–192 channels by 48 or 64 there, ~25 % slower per channel);
 * at stride 1 the input gradient is computed as forward convolutions of the output-gradient rows
   with the flipped, transposed kernels, which oneDNN adds in place into one channels-last
-  accumulator (a binary post-op; it reads the rows where they are, no copies and no sum);
+  accumulator (a binary post-op: no gradient tensor per group, no sum);
   otherwise per group with ``convolution_backward``, also channels-last (much faster there than
   on ``NCDHW``: no blocked-layout reorder of the full-width gradient), summed. For ``NCDHW``
   inputs the accumulator is transposed back once at the end. Weight gradients stay in the input's
@@ -555,6 +555,7 @@ class _CakesConvCPU(torch.autograd.Function):
             taken[a, b] = rows if fmt is None else rows.contiguous(memory_format=fmt)
             return taken[a, b]
 
+        # backward-data reads only the input's shape and layout (channels-last), never its values
         like_cl = x if fmt is _CL else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
         if fused_data:
             for g in groups:
@@ -566,7 +567,6 @@ class _CakesConvCPU(torch.autograd.Function):
                     continue
                 conv = (list(stride), list(g.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
                 gy_g = take(g.start, g.stop, _CL)
-                # backward-data reads only the input's shape and layout (channels-last), never its values
                 w = layout_weights[g.parts[0][0]]
                 gi = _conv_backward(gy_g, like_cl, w, None, *conv, [True, False, False])[0]
                 gx = gi if gx is None else gx.add_(gi)
