@@ -36,8 +36,9 @@ Channels-last (the networks' default) is the faster layout for every part.
 Everywhere else (GPU, meta, other dtypes, FLOP/MAC counters and other dispatch modes, ``torch.func``
 transforms) it is the plain per-group form, so counters see the ``aten.convolution`` calls of the
 closed-form MAC count. The CPU path itself calls ``aten.convolution``, ``aten.convolution_backward``,
-``mkldnn._convolution_pointwise_``, ``aten.mm`` and ``aten.addmm`` (the block fill computes a few zero taps, so a counter run on it would
-see slightly more MACs than the closed form — one reason counters get the plain path).
+``mkldnn._convolution_pointwise_``, ``aten.mm`` and ``aten.addmm`` (the block fill computes a few
+zero taps, so a counter run on it would see slightly more MACs than the closed form — one reason
+counters get the plain path).
 """
 
 from __future__ import annotations
