@@ -271,9 +271,11 @@ def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_la
     from cakes.ops import functional
 
     assert functional._conv_add is not None, "this PyTorch build should provide mkldnn._convolution_pointwise_"
-    calls = []
-    input_grad = functional._input_grad
+    calls, adds = [], []
+    input_grad, conv_add = functional._input_grad, functional._conv_add
     monkeypatch.setattr(functional, "_input_grad", lambda *args: calls.append(args[3].name) or input_grad(*args))
+    spy = type("Spy", (), {"binary": staticmethod(lambda gx, gy, *rest: adds.append(gy.shape[1]) or conv_add.binary(gx, gy, *rest))})
+    monkeypatch.setattr(functional, "_conv_add", spy)
     torch.manual_seed(8)
     op = CakesConv3d(6, {"3x3x3": 19, "1x3x3": 20, "3x1x1": 21}, bias=True)
     x = torch.randn(2, 6, 4, 5, 6)
@@ -281,6 +283,7 @@ def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_la
         x = x.contiguous(memory_format=CL)
     compare(op, x)
     assert calls == ["3x3x3", "1x3x3", "3x1x1"]
+    assert adds == [20, 21]  # every group after the first adds in place (its gradient channels)
     x = x.detach().requires_grad_(True)
     y = op(x)
     gy = torch.randn_like(y)
@@ -289,25 +292,25 @@ def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_la
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     calls.clear()
+    adds.clear()
     monkeypatch.setattr(functional, "_conv_add", None)
     compare(op, x)
-    assert calls == []
+    assert calls == ["3x3x3", "1x3x3"] and adds == []  # kx1x1: matrix products; the rest summed
 
 
-def test_planar_views_of_unit_axes():
+def test_conv_views_of_unit_axes():
     """Which channels-last convolutions run as 2-D ones, and that their views share memory and invert."""
-    from cakes.ops.functional import _Planar
+    from cakes.ops.functional import _ConvView
 
     x = torch.randn(2, 6, 4, 5, 3).contiguous(memory_format=CL)
-    plane = _Planar.of(SubKernel.parse("1x3x3"), (1, 2, 2), x)
-    assert plane == _Planar(True, [2, 2], [1, 1])
-    assert _Planar.of(SubKernel.parse("3x1x1"), (2, 1, 1), x) == _Planar(False, [2, 1], [1, 0])
+    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 2, 2), x) == _ConvView("frames", [2, 2], [1, 1])
+    assert _ConvView.of(SubKernel.parse("3x1x1"), (2, 1, 1), x) == _ConvView("pixels", [2, 1], [1, 0])
     for name, stride in [("1x3x3", (2, 1, 1)), ("3x1x1", (1, 2, 2)), ("3x3x3", (1, 1, 1)), ("3x1x3", (1, 1, 1))]:
-        assert _Planar.of(SubKernel.parse(name), stride, x) is None
-    assert _Planar.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.contiguous()) is None  # NCDHW
-    assert _Planar.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.double()) is None  # no oneDNN for float64
-    for plane in (_Planar(True, [1, 1], [1, 1]), _Planar(False, [1, 1], [1, 0])):
+        assert _ConvView.of(SubKernel.parse(name), stride, x).kind == "3d"
+    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.contiguous()).kind == "3d"  # NCDHW
+    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.double()).kind == "3d"  # no oneDNN for float64
+    for view in (_ConvView("frames", [1, 1], [1, 1]), _ConvView("pixels", [1, 1], [1, 0])):
         for t in (x, x[:, 2:5]):  # a channel slice has the views too
-            v = plane.view(t)
+            v = view.view(t)
             assert v.dim() == 4 and v.data_ptr() == t.data_ptr()
-            assert torch.equal(plane.unview(v, t), t)
+            assert torch.equal(view.unview(v, t), t)

@@ -31,9 +31,8 @@ from monai.losses import DiceCELoss
 from monai.transforms import ResampleToMatch
 
 from cakes.config import plain
-from cakes.modules.base import CakesModule
+from cakes.modules.base import CakesModule, first_occurrence
 from cakes.modules.schedules import Poly
-from cakes.modules.base import first_occurrence
 
 log = logging.getLogger(__name__)
 

@@ -163,7 +163,8 @@ def _use_cpu_path(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None) -> 
 
 
 def _is_matmul(sub: SubKernel, stride: tuple[int, int, int]) -> bool:
-    """``kx1x1`` / ``1x1x1`` groups at temporal stride 1 run as shifted matrix products."""
+    """``kx1x1`` / ``1x1x1`` groups at temporal stride 1: their weight gradient (and, where oneDNN does
+    not take them, forward and input gradient) runs as shifted matrix products."""
     return sub.size[1] == 1 and sub.size[2] == 1 and stride[0] == 1
 
 
@@ -229,52 +230,68 @@ def _to_fmt(t: Tensor, fmt: torch.memory_format) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _Planar:
-    """A channels-last float32 convolution whose sub-kernel has a size-1 axis pair run as a 2-D one
-    on views (oneDNN's 2-D kernels are 5–15 % faster than its 3-D ones with unit axes):
+class _ConvView:
+    """How one sub-kernel convolution runs on CPU: as the 3-D convolution it is, or — channels-last
+    float32, a size-1 axis pair at stride 1 — as a 2-D one on views of the same memory (oneDNN's
+    2-D kernels are 5–15 % faster than its 3-D ones with unit axes):
 
     * ``frames`` — a ``1xkxk`` kernel at temporal stride 1: ``(N·T, C, H, W)``, kernel ``k x k``;
-    * otherwise — a ``kx1x1`` kernel at spatial stride 1: ``(N, C, T, H·W)``, kernel ``k x 1``.
+    * ``pixels`` — a ``kx1x1`` kernel at spatial stride 1: ``(N, C, T, H·W)``, kernel ``k x 1``.
 
-    Channels-last tensors and their channel slices have both views."""
+    Channels-last tensors and their channel slices have both views; ``3d`` views are the tensors."""
 
-    frames: bool
+    kind: str  # "3d" | "frames" | "pixels"
     stride: list[int]
     padding: list[int]
 
     @staticmethod
-    def of(sub: SubKernel, stride: tuple[int, int, int], x: Tensor) -> _Planar | None:
-        if not (_is_cl(x) and _onednn(x)):
-            return None
-        if sub.size[0] == 1 and stride[0] == 1:
-            return _Planar(True, list(stride[1:]), list(sub.padding[1:]))
-        if sub.size[1:] == (1, 1) and stride[1:] == (1, 1):
-            return _Planar(False, [stride[0], 1], [sub.padding[0], 0])
-        return None
+    def of(sub: SubKernel, stride: tuple[int, int, int], x: Tensor) -> _ConvView:
+        if _is_cl(x) and _onednn(x):
+            if sub.size[0] == 1 and stride[0] == 1:
+                return _ConvView("frames", list(stride[1:]), list(sub.padding[1:]))
+            if sub.size[1:] == (1, 1) and stride[1:] == (1, 1):
+                return _ConvView("pixels", [stride[0], 1], [sub.padding[0], 0])
+        return _ConvView("3d", list(stride), list(sub.padding))
 
     def view(self, t: Tensor) -> Tensor:
-        """``(N, C, T, H, W)`` -> the 2-D view."""
+        """``(N, C, T, H, W)`` -> the view the convolution runs on."""
         n, c, frames, h, w = t.shape
-        return t.transpose(1, 2).view(n * frames, c, h, w) if self.frames else t.view(n, c, frames, h * w)
+        if self.kind == "frames":
+            return t.transpose(1, 2).view(n * frames, c, h, w)
+        return t.view(n, c, frames, h * w) if self.kind == "pixels" else t
 
     def unview(self, t: Tensor, like: Tensor) -> Tensor:
-        """A 2-D result -> ``(N, C', T', H', W')``; ``like``: the 5-D input of the convolution (the
-        axes a view merges keep their sizes: stride 1)."""
+        """A result -> ``(N, C', T', H', W')``; ``like``: the 5-D input of the convolution (the axes
+        a view merges keep their sizes: stride 1)."""
         n, _, _, h, w = like.shape
-        return t.view(n, -1, *t.shape[1:]).transpose(1, 2) if self.frames else t.view(*t.shape[:3], h, w)
+        if self.kind == "frames":
+            return t.view(n, -1, *t.shape[1:]).transpose(1, 2)
+        return t.view(*t.shape[:3], h, w) if self.kind == "pixels" else t
 
     def weight(self, w: Tensor) -> Tensor:
-        """``(out, in, 1, k, k) -> (out, in, k, k)`` or ``(out, in, k, 1, 1) -> (out, in, k, 1)``."""
-        return w[:, :, 0] if self.frames else w[:, :, :, :, 0]
+        """``(out, in, 1, k, k) -> (out, in, k, k)``, ``(out, in, k, 1, 1) -> (out, in, k, 1)``."""
+        return w[:, :, 0] if self.kind == "frames" else w[:, :, :, :, 0] if self.kind == "pixels" else w
 
     def unweight(self, g: Tensor) -> Tensor:
-        return g.unsqueeze(2) if self.frames else g.unsqueeze(4)
+        return g.unsqueeze(2) if self.kind == "frames" else g.unsqueeze(4) if self.kind == "pixels" else g
+
+    def forward(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        conv = F.conv3d if self.kind == "3d" else F.conv2d
+        return self.unview(conv(self.view(x), self.weight(w), bias, self.stride, self.padding), x)
+
+    def backward(self, gy: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool) -> tuple[Tensor, Tensor]:
+        """``convolution_backward``'s input and weight gradients (``None`` where not needed);
+        ``x``: only its shape and layout are read when ``need_w`` is false."""
+        one, zero = [1] * len(self.stride), [0] * len(self.stride)
+        conv = (self.stride, self.padding, one, False, zero, 1)
+        gi, gw, _ = _conv_backward(self.view(gy), self.view(x), self.weight(w), None, *conv, [need_x, need_w, False])
+        return (self.unview(gi, x) if need_x else None), (self.unweight(gw) if need_w else None)
 
 
 @dataclass(frozen=True)
 class _Unit:
-    """Output rows ``[start, stop)`` computed by one call: a convolution with kernel ``sub``, or shifted
-    matrix products for a ``kx1x1`` sub-kernel. ``parts``: the ``(group, first row, end row)`` weight
+    """Output rows ``[start, stop)`` computed by one call: a convolution with kernel ``sub``, or (``matmul``,
+    see :func:`_is_matmul`) shifted matrix products for a ``kx1x1`` sub-kernel. ``parts``: the ``(group, first row, end row)`` weight
     rows it covers, in order; a convolution may end with leading rows of the next group whose
     sub-kernel it contains (zero-padded into its kernel)."""
 
@@ -384,13 +401,6 @@ def _take(gy: Tensor, a: int, b: int, out_index: Tensor | None) -> Tensor:
     return gy[:, a:b] if out_index is None else _gather_channels(gy, out_index[a:b])
 
 
-def _conv(x: Tensor, w: Tensor, bias: Tensor | None, sub: SubKernel, stride: tuple[int, int, int]) -> Tensor:
-    """:func:`subkernel_conv` (+ bias), as a 2-D convolution where :class:`_Planar` applies."""
-    if plane := _Planar.of(sub, stride, x):
-        return plane.unview(F.conv2d(plane.view(x), plane.weight(w), bias, plane.stride, plane.padding), x)
-    return F.conv3d(x, w, bias, stride=stride, padding=sub.padding)
-
-
 def _forward_cpu(
     x: Tensor,
     weights: list[Tensor],
@@ -398,16 +408,16 @@ def _forward_cpu(
     stride: tuple[int, int, int],
     bias: Tensor | None,
     out_index: Tensor | None,
-) -> tuple[Tensor, list[Tensor]]:
-    """The output and the weight of each unit (``_units`` with the fill block), in ``x``'s layout
-    when ``weights`` are (see :func:`_layout_weights`)."""
+) -> tuple[Tensor, dict[_Unit, Tensor]]:
+    """The output, and each unit (``_units`` with the fill block, in order) with its weight, in
+    ``x``'s layout when ``weights`` are (see :func:`_layout_weights`)."""
     units = _units(subs, [w.shape[0] for w in weights], stride, _fill_block(x))
     unit_weights = [_unit_weight(u, weights, subs) for u in units]
     # oneDNN channels-last convolutions read the input once for all taps; the shifted matrix products
     # read it once per tap, which costs more than the extra copy into the output there
     onednn_cl = _onednn(x) and _is_cl(x)
     if len(units) == 1 and (onednn_cl or not units[0].matmul) and out_index is None:
-        return _conv(x, unit_weights[0], bias, units[0].sub, stride), unit_weights
+        return _ConvView.of(units[0].sub, stride, x).forward(x, unit_weights[0], bias), {units[0]: unit_weights[0]}
     N, _, T, H, W = x.shape
     fmt = _fmt(x)
     out_size = (_out_len(T, stride[0]), _out_len(H, stride[1]), _out_len(W, stride[2]))
@@ -422,7 +432,7 @@ def _forward_cpu(
             chunk = _CL_FORWARD_CHUNK if full_3d and onednn_cl else w.shape[0]
             for c in range(0, w.shape[0], chunk):
                 bias_c = None if bias_u is None else bias_u[c : c + chunk]
-                rows = _conv(x, w[c : c + chunk], bias_c, u.sub, stride)
+                rows = _ConvView.of(u.sub, stride, x).forward(x, w[c : c + chunk], bias_c)
                 _put(y, u.start + c, u.start + c + rows.shape[1], rows, out_index)
             continue
         if x_s is None:
@@ -433,7 +443,7 @@ def _forward_cpu(
             rows = torch.empty((N, u.stop - u.start, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
             _matmul_forward(x_s, w, u.sub, rows, 0, u.stop - u.start, bias_u)
             _put(y, u.start, u.stop, rows, out_index)
-    return y, unit_weights
+    return y, dict(zip(units, unit_weights))
 
 
 def _layout_weights(x: Tensor, weights: Sequence[Tensor], subs: Sequence[SubKernel], stride) -> list[Tensor]:
@@ -443,28 +453,26 @@ def _layout_weights(x: Tensor, weights: Sequence[Tensor], subs: Sequence[SubKern
     return [w if _is_matmul(sub, stride) else w.contiguous(memory_format=fmt) for w, sub in zip(weights, subs)]
 
 
-def _input_grad(gx: Tensor | None, gy_rows: Tensor, w: Tensor, sub: SubKernel, like: Tensor) -> Tensor:
-    """``gx +`` the input gradient of a stride-1 convolution with weight ``w`` ``(n, C_in, *sub.size)``:
-    ``gx`` updated in place, or (``None``) a new tensor.
+def _input_grad(
+    gx: Tensor | None, gy_rows: Tensor, w: Tensor, sub: SubKernel, stride: tuple[int, int, int], like: Tensor
+) -> Tensor:
+    """``gx +`` the input gradient of one group's convolution (weight ``w``: ``(n, C_in, *sub.size)``),
+    ``gx`` updated in place; ``None``: a new tensor.
 
-    ``gy_rows``: ``(N, n, T, H, W)`` channels-last (a channel slice of the whole output gradient is
-    fine); ``gx`` and ``like`` (only its shape is read): ``(N, C_in, T, H, W)`` channels-last. A new
-    tensor comes from ``convolution_backward``; otherwise the input gradient is computed as the
-    forward convolution of ``gy_rows`` with the flipped, transposed kernel (odd sizes: the same
-    padding), which oneDNN adds into ``gx`` as a binary post-op — no gradient tensor per group, no
-    separate sum. Same values as ``convolution_backward``'s."""
-    plane = _Planar.of(sub, (1, 1, 1), like)
-    view = plane.view if plane else (lambda t: t)
-    padding = plane.padding if plane else list(sub.padding)
-    one = [1] * len(padding)
-    if gx is None:
-        w_v = plane.weight(w) if plane else w
-        conv = (one, padding, one, False, [0] * len(padding), 1)
-        gi = _conv_backward(view(gy_rows), view(like), w_v, None, *conv, [True, False, False])[0]
-        return plane.unview(gi, like) if plane else gi
-    w_t = w.transpose(0, 1).flip(2, 3, 4)  # one copy; oneDNN reorders weights into its own layout anyway
-    w_t = plane.weight(w_t) if plane else w_t
-    _conv_add.binary(view(gx), view(gy_rows), w_t, None, padding, one, one, 1, "add", None, None, [], None)
+    ``gy_rows``: ``(N, n, T', H', W')`` channels-last (a channel slice of the whole output gradient is
+    fine); ``gx`` and ``like`` (only its shape is read): ``(N, C_in, T, H, W)`` channels-last. At
+    stride 1 after the first group, the input gradient is the forward convolution of ``gy_rows``
+    with the flipped, transposed kernel (odd sizes: the same padding), which oneDNN adds into ``gx``
+    as a binary post-op — no gradient tensor per group, no separate sum; otherwise it comes from
+    ``convolution_backward`` (and is summed). Same values either way."""
+    view = _ConvView.of(sub, stride, like)
+    if gx is None or stride != (1, 1, 1) or _conv_add is None:
+        gi = view.backward(gy_rows, like, w, need_x=True, need_w=False)[0]
+        return gi if gx is None else gx.add_(gi)
+    w_t = view.weight(w.transpose(0, 1).flip(2, 3, 4))  # one copy; oneDNN reorders weights anyway
+    one = [1] * len(view.padding)
+    gx_v, gy_v = view.view(gx), view.view(gy_rows)
+    _conv_add.binary(gx_v, gy_v, w_t, None, view.padding, one, one, 1, "add", None, None, [], None)
     return gx
 
 
@@ -533,18 +541,15 @@ class _CakesConvCPU(torch.autograd.Function):
                 *(next(grads) if need else None for need in need_w),
             )
         fmt = _fmt(x)
-        sizes = [w.shape[0] for w in weights]
-        groups = _units(subs, sizes, stride, 0)
-        units = _units(subs, sizes, stride, _fill_block(x))
-        layout_weights, unit_weights = ctx.layout_weights, dict(zip(units, ctx.unit_weights))
+        groups = _units(subs, [w.shape[0] for w in weights], stride, 0)
+        layout_weights, unit_weights = ctx.layout_weights, ctx.unit_weights
         # oneDNN's backward-data is much faster channels-last: compute it per group there into one
-        # channels-last accumulator (for NCDHW inputs transposed back once at the end); at stride 1
-        # as forward convolutions that add into it in place (_input_grad). Weight
-        # gradients per unit, in the input's layout
+        # channels-last accumulator (_input_grad; for NCDHW inputs transposed back once at the end);
+        # kx1x1 groups join it where it accumulates in place (stride 1), else run as matrix products.
+        # Weight gradients per unit (block fill as in the forward), in the input's layout
         cl_data = need_x and _onednn(x)
         fused_data = cl_data and stride == (1, 1, 1) and _conv_add is not None
-        if not cl_data:
-            units = groups  # data and weight gradients together, per group
+        units = list(unit_weights) if cl_data else groups  # else: data and weight gradients together
 
         gx: Tensor | None = None
         gws: list[Tensor | None] = [None] * len(weights)
@@ -556,37 +561,25 @@ class _CakesConvCPU(torch.autograd.Function):
             taken[a, b] = rows if fmt is None else rows.contiguous(memory_format=fmt)
             return taken[a, b]
 
-        # backward-data reads only the input's shape and layout (channels-last), never its values
-        like_cl = x if fmt is _CL else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
-        if fused_data:
+        if cl_data:
+            # backward-data reads only the input's shape and layout (channels-last), never its values
+            like_cl = x if fmt is _CL else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
             for g in groups:
-                gy_g = gy[:, g.start : g.stop] if out_index is None and _is_cl(gy) else take(g.start, g.stop, _CL)
-                gx = _input_grad(gx, gy_g, layout_weights[g.parts[0][0]], g.sub, like_cl)
-        elif cl_data:
-            for g in groups:
-                if g.matmul:
+                if g.matmul and not fused_data:
                     continue
-                conv = (list(stride), list(g.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
-                gy_g = take(g.start, g.stop, _CL)
-                w = layout_weights[g.parts[0][0]]
-                gi = _conv_backward(gy_g, like_cl, w, None, *conv, [True, False, False])[0]
-                gx = gi if gx is None else gx.add_(gi)
+                # a channels-last gradient's channels are read in place (oneDNN takes the strides)
+                gy_g = take(g.start, g.stop, None if _is_cl(gy) and fused_data else _CL)
+                gx = _input_grad(gx, gy_g, layout_weights[g.parts[0][0]], g.sub, stride, like_cl)
         for u in units:
             if u.matmul:
                 continue
             want_x = need_x and not cl_data
             want_w = any(need_w[j] for j, _, _ in u.parts)
             if want_x or want_w:
-                w = unit_weights[u] if u in unit_weights else _unit_weight(u, layout_weights, subs)
-                plane = _Planar.of(u.sub, stride, x)
-                if plane and not want_x:
-                    conv = (plane.stride, plane.padding, [1, 1], False, [0, 0], 1)
-                    gy_u = plane.view(take(u.start, u.stop, _CL))  # oneDNN copies a slice anyway
-                    gw = _conv_backward(gy_u, plane.view(x), plane.weight(w), None, *conv, [False, True, False])[1]
-                    gw = plane.unweight(gw)
-                else:
-                    conv = (list(stride), list(u.sub.padding), [1, 1, 1], False, [0, 0, 0], 1)
-                    gi, gw, _ = _conv_backward(take(u.start, u.stop), x, w, None, *conv, [want_x, want_w, False])
+                w = unit_weights[u] if u in unit_weights else layout_weights[u.parts[0][0]]
+                # oneDNN copies a gradient slice into a dense tensor anyway
+                gy_u = take(u.start, u.stop, fmt)
+                gi, gw = _ConvView.of(u.sub, stride, x).backward(gy_u, x, w, want_x, want_w)
                 if want_x:
                     gx = gi if gx is None else gx.add_(gi)
                 if want_w:
