@@ -24,7 +24,7 @@ def cost_slot(op_set="c123d", width=4, in_channels=3, cost="volume") -> CostPrio
                                            norm=nn.BatchNorm3d)
 
 
-def perf_slot(op_set="c123d", width=6, in_channels=3, sampling="per_channel", selection="channel_argmax"):
+def perf_slot(op_set="c123d", width=6, in_channels=3, sampling="per_channel", selection="auto"):
     factory = PerformancePriority(op_set, sampling=sampling, selection=selection, seed=0)
     return factory(layer="l", in_channels=in_channels, out_channels=width, norm=nn.BatchNorm3d)
 
@@ -104,6 +104,18 @@ def test_samplers_draw_valid_selections():
     ops, channels = sampler.sample(3, 10)
     entries = ops * 10 + channels
     assert len(set(entries.tolist())) == 10 and entries.tolist() == sorted(entries.tolist())
+    sampler = ChannelSampler("split_uniform", seed=1)
+    firsts = []
+    for _ in range(400):
+        ops, channels = sampler.sample(2, 6)
+        first = int((ops == 0).sum())
+        firsts.append(first)
+        assert ops.tolist() == [0] * first + [1] * (6 - first)  # op-major
+        for k in (0, 1):  # each op's channels: distinct, ascending
+            rows = channels[ops == k].tolist()
+            assert rows == sorted(set(rows))
+    assert set(firsts) == set(range(7))  # 0..C_out, every split drawn
+    assert max(firsts.count(m) for m in range(7)) < 2.5 * min(firsts.count(m) for m in range(7))
     a = ChannelSampler("per_channel", seed=5).sample(3, 50)[0]
     b = ChannelSampler("per_channel", seed=5).sample(3, 50)[0]
     assert torch.equal(a, b)
@@ -133,17 +145,19 @@ def test_performance_slot_training_computes_sampled_pairs_and_updates_bn(samplin
     assert int(slot.norm.num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize("sampling, rule", [("per_channel", "channel_argmax"), ("pair_subset", "layer_topk"),
-                                            ("per_channel", "layer_topk")])
-def test_performance_slot_eval_is_deterministic_and_equals_derived(sampling, rule):
+@pytest.mark.parametrize("op_set, sampling, rule", [("c123d", "per_channel", "channel_argmax"),
+                                                    ("c123d", "pair_subset", "layer_topk"),
+                                                    ("c23d", "split_uniform", "layer_topk")])
+def test_performance_slot_eval_is_deterministic_and_equals_derived(op_set, sampling, rule):
     torch.manual_seed(0)
-    slot = perf_slot(sampling=sampling, selection=rule, width=6)
+    slot = perf_slot(op_set=op_set, sampling=sampling, selection=rule, width=6)
+    n = len(slot.op_set)
     x = torch.randn(2, 3, 4, 5, 5)
     slot.train()
     for _ in range(3):  # populate running statistics
         slot(x)
     with torch.no_grad():
-        slot.norm.weight.copy_(torch.randn(18))
+        slot.norm.weight.copy_(torch.randn(n * 6))
     slot.eval()
     a, b = slot(x), slot(x)
     assert torch.equal(a, b)
@@ -174,6 +188,39 @@ def test_supernet_imagenet_init_each_op_from_all_rows():
         torch.testing.assert_close(slot.candidates.weights[name], inflate_2d(w2d, name))
     torch.testing.assert_close(slot.norm.weight, bn["weight"].repeat(3))
     assert "norm.running_var" in loaded and "candidates.weights.3x1x1" in loaded
+
+
+@pytest.mark.parametrize("sampling, layout", [("per_channel", "channel"), ("pair_subset", "op_major"),
+                                              ("split_uniform", "op_major")])
+def test_eval_puts_every_pair_where_training_puts_it(sampling, layout):
+    """The layout contract behind eval consistency: a training draw and the eval selection agree
+    on what an output position means (its channel, or its rank in op-major order)."""
+    slot = perf_slot(op_set="c23d", sampling=sampling, width=8)
+    with torch.no_grad():
+        slot.norm.weight.copy_(torch.randn(16))
+    for ops, channels in (slot.sampler.sample(2, 8), slot.select(slot.selection)):
+        if layout == "channel":
+            assert channels.tolist() == list(range(8))
+        else:
+            entries = (ops * 8 + channels).tolist()
+            assert entries == sorted(entries) and len(set(entries)) == 8
+
+
+def test_sampling_and_selection_must_agree():
+    assert PerformancePriority("c123d", sampling="per_channel").selection == "channel_argmax"
+    assert PerformancePriority("c123d", sampling="pair_subset").selection == "layer_topk"
+    assert PerformancePriority("c23d", sampling="split_uniform").selection == "layer_topk"
+    # the authors' code: 2,3D split uniformly, the other op sets by pair subsets
+    assert PerformancePriority("c23d", sampling="authors").sampler.mode == "split_uniform"
+    assert PerformancePriority("c123d", sampling="authors").sampler.mode == "pair_subset"
+    assert PerformancePriority("c12d", sampling="authors").sampler.mode == "pair_subset"
+    with pytest.raises(ValueError, match=r"search.selection=layer_topk does not fit search.sampling=per_channel.*"
+                                         r"Use search.selection=channel_argmax"):
+        PerformancePriority("c123d", sampling="per_channel", selection="layer_topk")
+    with pytest.raises(ValueError, match=r"selection=channel_argmax does not fit search.sampling=pair_subset"):
+        PerformancePriority("c123d", sampling="pair_subset", selection="channel_argmax")
+    with pytest.raises(ValueError, match=r"split_uniform splits a layer between two ops; op set c123d has 3"):
+        PerformancePriority("c123d", sampling="split_uniform")
 
 
 def test_bad_search_settings_raise():

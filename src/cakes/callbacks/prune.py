@@ -19,8 +19,9 @@ from cakes.ops.search import SELECTION_RULES, search_slots
 log = logging.getLogger(__name__)
 
 
-def found_arch(net: torch.nn.Module, rule: str, meta: dict[str, Any] | None = None) -> Arch:
-    """Per-layer counts of every supernet slot of ``net`` under selection ``rule``."""
+def found_arch(net: torch.nn.Module, rule: str = "auto", meta: dict[str, Any] | None = None) -> Arch:
+    """Per-layer counts of every supernet slot of ``net`` under selection ``rule`` (``auto``: each
+    slot's own rule — the one a performance-priority slot evaluates with)."""
     slots = search_slots(net)
     if not slots:
         raise ValueError("found_arch: the network has no search-time slots")
@@ -31,7 +32,7 @@ def found_arch(net: torch.nn.Module, rule: str, meta: dict[str, Any] | None = No
     return Arch(
         backbone=getattr(net, "name", type(net).__name__),
         op_set=op_set.name if not op_set.name.startswith("custom:") else list(op_set.names),
-        layers={s.layer: s.counts(rule) for s in slots},
+        layers={s.layer: s.counts(None if rule == "auto" else rule) for s in slots},
         meta=dict(meta or {}),
     )
 
@@ -75,7 +76,9 @@ class CakesPruneCallback(pl.Callback):
         name: file name (without ``.yaml``) of the export; made unique if a different run already
             wrote that name (``_1``, ``_2``, ...), never overwriting another run's result.
         arch_dir: directory on Hydra's search path; the yaml goes to ``<arch_dir>/arch/<name>.yaml``.
-        selection: ``layer_topk`` (the authors' code) or ``channel_argmax`` (the paper's wording).
+        selection: ``layer_topk`` (the authors' code), ``channel_argmax`` (the paper's wording) or
+            ``auto`` (each slot's own rule: ``layer_topk`` for cost-priority slots, the rule a
+            performance-priority slot evaluates with for its sampling).
         every_n_epochs: also export every N epochs (0: only at the end).
         provenance: recorded under ``meta`` (op set, mode, lasso, cost weights, data, ...).
         retrain: command prefix printed with ``arch=<name>`` appended.
@@ -85,14 +88,14 @@ class CakesPruneCallback(pl.Callback):
         self,
         name: str,
         arch_dir: str,
-        selection: str = "layer_topk",
+        selection: str = "auto",
         every_n_epochs: int = 0,
         provenance: dict[str, Any] | None = None,
         retrain: str = "python train.py operator=cakes",
         plot: bool = True,
     ) -> None:
-        if selection not in SELECTION_RULES:
-            raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
+        if selection not in (*SELECTION_RULES, "auto"):
+            raise ValueError(f"selection must be one of {SELECTION_RULES} or 'auto', got {selection!r}")
         self.name, self.arch_dir = name, Path(arch_dir)
         self.selection, self.every_n_epochs = selection, int(every_n_epochs)
         self.provenance = dict(provenance or {})
@@ -134,16 +137,17 @@ class CakesPruneCallback(pl.Callback):
 
         run_dir = str(Path(trainer.default_root_dir).resolve())
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        net = pl_module.net
+        rules = {s.selection if self.selection == "auto" else self.selection for s in search_slots(net)}
         meta = {
             **self.provenance,
-            "selection": self.selection,
+            "selection": ",".join(sorted(rules)),
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
             "git_commit": git_commit(),
             "run_dir": run_dir,
             "source_checkpoint": ckpt or None,
         }
-        net = pl_module.net
         for attr in ("depth", "width"):
             if hasattr(net, attr):
                 meta[attr] = getattr(net, attr)
@@ -161,7 +165,7 @@ class CakesPruneCallback(pl.Callback):
         plot_path = None
         if self.plot:
             plot_path = plot_arch(arch, Path(run_dir) / "arch" / f"{self.export_path.stem}.png",
-                                  title=f"{self.export_path.stem} ({self.selection})")
+                                  title=f"{self.export_path.stem} ({meta['selection']})")
         for logger in trainer.loggers:
             logger.log_metrics({f"found/{k}": float(v) for k, v in cost.items()}, step=trainer.global_step)
             if hasattr(logger, "log_image") and plot_path is not None:

@@ -16,6 +16,12 @@ A *selection* is a list of ``C_out`` pairs in output order: ``ops[j]``, ``channe
 Rules: ``layer_topk`` (the authors' code: the top ``C_out`` |γ| of the layer, counts only, pairs
 in op-major order) and ``channel_argmax`` (the paper's wording: per output channel, the op with
 the largest |γ|; output position = channel).
+
+Eval consistency: the next conv learns what each output position carries in training, so eval
+must put its pairs where the sampler puts them. Every sampling mode has one *layout* — output
+position = channel (``per_channel``) or = rank in op-major order (``pair_subset``,
+``split_uniform``) — and only the selection rule of the same layout is accepted
+(:func:`eval_selection`); ``auto`` picks it.
 """
 
 from __future__ import annotations
@@ -33,8 +39,44 @@ from cakes.ops.functional import Stride, cakes_conv3d
 from cakes.ops.subkernel import OpSet, resolve_op_set
 
 SELECTION_RULES = ("layer_topk", "channel_argmax")
-SAMPLING_MODES = ("per_channel", "pair_subset")
+SAMPLING_MODES = ("per_channel", "pair_subset", "split_uniform")
 COST_KINDS = ("volume", "macs", "latency")
+#: where a sampled or selected pair lands: ``channel`` (output position = its channel) or
+#: ``op_major`` (its rank among the layer's pairs sorted by op, then channel)
+SAMPLING_LAYOUT = {"per_channel": "channel", "pair_subset": "op_major", "split_uniform": "op_major"}
+SELECTION_LAYOUT = {"channel_argmax": "channel", "layer_topk": "op_major"}
+#: the authors' op-set-dependent sampling (``sampling: authors``): 2,3D split uniformly, else pair subsets
+AUTHORS_SAMPLING = {("3x3x3", "1x3x3"): "split_uniform"}
+
+
+def resolve_sampling(sampling: str, op_set: OpSet) -> str:
+    """``authors`` → what the authors' code draws for ``op_set``; other modes are checked and kept."""
+    if sampling == "authors":
+        return AUTHORS_SAMPLING.get(tuple(op_set.names), "pair_subset")
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"search.sampling must be one of {SAMPLING_MODES} or 'authors', got {sampling!r}")
+    if sampling == "split_uniform" and len(op_set) != 2:
+        raise ValueError(f"search.sampling=split_uniform splits a layer between two ops; op set {op_set.name} has "
+                         f"{len(op_set)} ({', '.join(op_set.names)})")
+    return sampling
+
+
+def eval_selection(sampling: str, selection: str = "auto") -> str:
+    """The selection rule a performance-priority slot evaluates and exports with under ``sampling``:
+    the rule whose layout is the sampler's (``auto``), or ``selection`` if it is that rule."""
+    consistent = next(rule for rule, layout in SELECTION_LAYOUT.items() if layout == SAMPLING_LAYOUT[sampling])
+    if selection == "auto":
+        return consistent
+    if selection not in SELECTION_RULES:
+        raise ValueError(f"search.selection must be one of {SELECTION_RULES} or 'auto', got {selection!r}")
+    if selection != consistent:
+        raise ValueError(
+            f"search.selection={selection} does not fit search.sampling={sampling}: training puts each sampled pair "
+            f"at output position = {SAMPLING_LAYOUT[sampling].replace('_', '-')} order, {selection} at "
+            f"{SELECTION_LAYOUT[selection].replace('_', '-')} order, so in eval the next conv would read permuted "
+            f"channels. Use search.selection={consistent} (or auto)"
+        )
+    return selection
 
 
 def cost_shares(op_set: OpSet, cost: str | Mapping[str, float] = "volume") -> list[float]:
@@ -64,6 +106,8 @@ class SearchSlot(nn.Module):
     """Common state of a supernet slot: candidates, path-weight norm, selection, export."""
 
     search_mode: str = ""
+    #: the selection rule used when none is named (export, eval)
+    selection: str = "layer_topk"
 
     def __init__(
         self, *, layer: str, in_channels: int, out_channels: int, op_set: OpSet, norm: NormFactory, stride: Stride
@@ -94,9 +138,9 @@ class SearchSlot(nn.Module):
             return weights.argmax(dim=0), torch.arange(self.width, device=weights.device)
         raise ValueError(f"selection rule must be one of {SELECTION_RULES}, got {rule!r}")
 
-    def counts(self, rule: str) -> dict[str, int]:
-        """Channels per sub-kernel under ``rule`` (op-set order; zeros kept)."""
-        ops, _ = self.select(rule)
+    def counts(self, rule: str | None = None) -> dict[str, int]:
+        """Channels per sub-kernel under ``rule`` (default: the slot's own; op-set order; zeros kept)."""
+        ops, _ = self.select(rule or self.selection)
         per_op = torch.bincount(ops.cpu(), minlength=self.num_ops).tolist()
         return dict(zip(self.op_set.names, per_op))
 
@@ -133,10 +177,12 @@ class CostPrioritySlot(SearchSlot):
 class ChannelSampler:
     """Draws the pairs a performance-priority slot computes at a training step.
 
-    ``per_channel`` (the paper): each output channel picks one op uniformly.
-    ``pair_subset`` (the authors' code): a uniform subset of ``C_out`` of the ``n·C_out`` pairs,
-    in op-major order. One generator (CPU) is shared by all slots of a network; reseed it per DDP
-    rank with :meth:`seed`; its state goes into checkpoints.
+    ``per_channel`` (the paper): each output channel picks one op uniformly; position = channel.
+    ``pair_subset`` (the authors' 1,2D and 1,2,3D code): a uniform subset of ``C_out`` of the
+    ``n·C_out`` pairs, in op-major order. ``split_uniform`` (the authors' 2,3D code, two ops): the
+    first op's count ``m`` uniform in ``0..C_out``, a uniform subset of ``m`` of its channels and of
+    ``C_out − m`` of the second op's, in op-major order. One generator (CPU) is shared by all slots
+    of a network; reseed it per DDP rank with :meth:`seed`; its state goes into checkpoints.
     """
 
     def __init__(self, mode: str = "per_channel", seed: int = 0) -> None:
@@ -158,9 +204,16 @@ class ChannelSampler:
         self.generator.set_state(state["state"])
 
     def sample(self, num_ops: int, width: int) -> tuple[Tensor, Tensor]:
+        """``(ops, channels)``, each ``(width,)``: output position ``j`` computes op ``ops[j]`` of
+        channel ``channels[j]``."""
         if self.mode == "per_channel":
             ops = torch.randint(num_ops, (width,), generator=self.generator)
             return ops, torch.arange(width)
+        if self.mode == "split_uniform":
+            first = int(torch.randint(width + 1, (1,), generator=self.generator))
+            kept = [torch.randperm(width, generator=self.generator)[:n].sort().values for n in (first, width - first)]
+            ops = torch.cat([torch.full((first,), 0), torch.full((width - first,), 1)])
+            return ops, torch.cat(kept)
         entries = torch.randperm(num_ops * width, generator=self.generator)[:width].sort().values
         return entries // width, entries % width
 
@@ -169,16 +222,15 @@ class PerformancePrioritySlot(SearchSlot):
     """Samples ``C_out`` (op, channel) pairs per training step and computes only those.
 
     ``(N, C_in, T, H, W) -> (N, C_out, T', H', W')``. In eval mode it runs :meth:`select` under
-    ``selection`` (deterministic), which is what :meth:`derive` exports.
+    ``selection`` (deterministic; the rule of the sampler's layout, see :func:`eval_selection`),
+    which is what :meth:`derive` exports.
     """
 
     search_mode = "performance"
 
-    def __init__(self, *, sampler: ChannelSampler, selection: str = "channel_argmax", **kwargs: Any) -> None:
+    def __init__(self, *, sampler: ChannelSampler, selection: str = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if selection not in SELECTION_RULES:
-            raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
-        self.sampler, self.selection = sampler, selection
+        self.sampler, self.selection = sampler, eval_selection(sampler.mode, selection)
         self.out_channels = self.width
         if not isinstance(self.norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
             raise ValueError(f"layer {self.layer!r}: performance-priority slots slice a BatchNorm or InstanceNorm, "
@@ -277,14 +329,12 @@ class PerformancePriority(OperatorFactory):
         self,
         op_set: str | Sequence[str] | Mapping[str, Any],
         sampling: str = "per_channel",
-        selection: str = "channel_argmax",
+        selection: str = "auto",
         seed: int = 0,
     ) -> None:
         self.op_set = resolve_op_set(op_set)
-        self.sampler = ChannelSampler(sampling, seed)
-        if selection not in SELECTION_RULES:
-            raise ValueError(f"selection must be one of {SELECTION_RULES}, got {selection!r}")
-        self.selection = selection
+        self.sampler = ChannelSampler(resolve_sampling(sampling, self.op_set), seed)
+        self.selection = eval_selection(self.sampler.mode, selection)  # checked before any layer is built
 
     def __call__(
         self, *, layer: str, in_channels: int, out_channels: int, norm: NormFactory, stride: Stride = 1
