@@ -107,6 +107,25 @@ def train_cmd(run_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+def test_stratified_order_balances_every_batch_and_stays_resumable():
+    labels = [i % 4 for i in range(96)]  # 4 classes x 24
+    sampler = ResumableSampler(range(96), batch_size=16, seed=3, labels=labels, epoch=2)
+    order = list(sampler)
+    assert sorted(order) == list(range(96))
+    for start in range(0, 96, 16):
+        batch = [labels[i] for i in order[start : start + 16]]
+        assert [batch.count(c) for c in range(4)] == [4, 4, 4, 4]
+    assert order == list(ResumableSampler(range(96), batch_size=16, seed=3, labels=labels, epoch=2))
+    assert order != list(ResumableSampler(range(96), batch_size=16, seed=3, labels=labels, epoch=3))
+    assert order != list(ResumableSampler(range(96), batch_size=16, seed=3, epoch=2))  # plain shuffle differs
+    resumed = ResumableSampler(range(96), batch_size=16, seed=3, labels=labels, start=(2, 3))
+    assert list(resumed) == order[48:]
+    uneven = ResumableSampler(range(10), batch_size=2, seed=0, labels=[0] * 7 + [1] * 3)
+    assert sorted(uneven) == list(range(10))  # classes of different sizes: every item once
+    with pytest.raises(ValueError, match="labels: one per item expected, got 3 for 10 items"):
+        ResumableSampler(range(10), batch_size=2, labels=[0, 1, 0])
+
+
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "CAKES_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT / "tests"), "WANDB_MODE": "offline"}
     env.pop(PAUSE_ENV, None)

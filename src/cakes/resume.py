@@ -27,7 +27,7 @@ import os
 import random
 import subprocess
 import zipfile
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,9 @@ class ResumableSampler(DistributedSampler):
       Later iterations follow :meth:`set_epoch` (Lightning calls it every epoch).
     * ``with_seeds=True`` yields ``(index, seed)`` pairs with ``seed = mix_seed(seed, epoch,
       index)``, for datasets that seed each sample's augmentation from it.
+    * ``labels`` (one class per item) makes the shuffle stratified (:func:`stratified_permutation`):
+      batches then hold every class equally often — for few-class data, where the label imbalance
+      of a small batch dominates the gradient of the classifier.
     """
 
     def __init__(
@@ -118,11 +121,15 @@ class ResumableSampler(DistributedSampler):
         epoch: int = 0,
         start: tuple[int, int] | None = None,
         with_seeds: bool = False,
+        labels: Sequence[int] | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if labels is not None and len(labels) != len(dataset):
+            raise ValueError(f"labels: one per item expected, got {len(labels)} for {len(dataset)} items")
+        self.labels = None if labels is None else [int(c) for c in labels]
         self.batch_size, self.with_seeds = int(batch_size), bool(with_seeds)
         self.epoch = int(epoch)
         self.start = (int(start[0]), int(start[1])) if start is not None else None
@@ -132,7 +139,8 @@ class ResumableSampler(DistributedSampler):
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            indices = torch.randperm(n, generator=generator).tolist()
+            indices = (torch.randperm(n, generator=generator).tolist() if self.labels is None
+                       else stratified_permutation(self.labels, generator))
         else:
             indices = list(range(n))
         if self.drop_last:
@@ -153,8 +161,25 @@ class ResumableSampler(DistributedSampler):
         return iter(indices)
 
 
+def stratified_permutation(labels: Sequence[int], generator: torch.Generator) -> list[int]:
+    """A random order of ``range(len(labels))`` in rounds: each round takes the next item of every
+    class that has one left, classes in a random order; items of a class in a random order. With
+    ``K`` equally large classes every run of ``K`` items aligned to a round holds each class once."""
+    by_class: dict[int, list[int]] = {}
+    for i in torch.randperm(len(labels), generator=generator).tolist():
+        by_class.setdefault(labels[i], []).append(i)
+    queues = [by_class[c] for c in sorted(by_class)]
+    order: list[int] = []
+    for position in range(max(map(len, queues), default=0)):
+        for k in torch.randperm(len(queues), generator=generator).tolist():
+            if position < len(queues[k]):
+                order.append(queues[k][position])
+    return order
+
+
 def train_sampler(dataset: Sized, trainer: pl.Trainer | None, *, batch_size: int, seed: int | None = None,
-                  with_seeds: bool = False, drop_last: bool = True) -> ResumableSampler:
+                  with_seeds: bool = False, drop_last: bool = True,
+                  labels: Sequence[int] | None = None) -> ResumableSampler:
     """The training sampler of a data module: ranks from the trainer, the base seed from the
     global seed (``seed_everything``), and the resume point if this fit resumes (see
     :class:`ResumeStateCallback`)."""
@@ -165,7 +190,7 @@ def train_sampler(dataset: Sized, trainer: pl.Trainer | None, *, batch_size: int
         world, rank, epoch = trainer.world_size, trainer.global_rank, trainer.current_epoch
         start = take_resume_position(trainer)
     return ResumableSampler(dataset, batch_size=batch_size, num_replicas=world, rank=rank, seed=seed,
-                            drop_last=drop_last, epoch=epoch, start=start, with_seeds=with_seeds)
+                            drop_last=drop_last, epoch=epoch, start=start, with_seeds=with_seeds, labels=labels)
 
 
 def take_resume_position(trainer: pl.Trainer) -> tuple[int, int] | None:

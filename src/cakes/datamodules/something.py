@@ -455,6 +455,9 @@ class SomethingSomethingDataModule(SplitDataModule):
         num_workers: DataLoader workers per device.
         bad_sample: unreadable video -> ``"fail"`` (raise, naming the file) or ``"skip"``
             (drop it, warn with :class:`BadSampleWarning`, count in ``batch["skipped"]``).
+        balanced_batches: stratified training order: every class equally often in each batch
+            (:func:`cakes.resume.stratified_permutation`). For few-class data: with 4 classes
+            at batch 16, each batch's label imbalance otherwise dominates the classifier's gradient.
 
     ``class_names`` / ``num_classes`` read only the labels file, so they work before
     :meth:`setup` (to build the model). :meth:`validate` checks every file before training;
@@ -485,8 +488,10 @@ class SomethingSomethingDataModule(SplitDataModule):
         batch_size: int = 12,
         num_workers: int = 8,
         bad_sample: BadSamplePolicy = "fail",
+        balanced_batches: bool = False,
     ) -> None:
         super().__init__()
+        self.balanced_batches = bool(balanced_batches)
         if version not in DEFAULT_LIST_FORMAT:
             raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
         fmt = list_format or DEFAULT_LIST_FORMAT[version]
@@ -641,7 +646,8 @@ class SomethingSomethingDataModule(SplitDataModule):
             dataset.seed = self._seed()
             generator = torch.Generator().manual_seed(dataset.seed)  # worker seeds
             # order and augmentation a pure function of (seed, epoch); starts at the resume point
-            sampler = train_sampler(dataset, self.trainer, batch_size=self.batch_size, with_seeds=True)
+            labels = [record.label for record in dataset.records] if self.balanced_batches else None
+            sampler = train_sampler(dataset, self.trainer, batch_size=self.batch_size, with_seeds=True, labels=labels)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
