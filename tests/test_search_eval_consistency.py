@@ -69,6 +69,7 @@ def short_search(op_set: str, sampling: str) -> tuple[nn.Module, Tensor, Tensor,
     return net, x, y, sum(correct) / len(correct)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op_set, sampling", [("c123d", "per_channel"), ("c123d", "pair_subset"),
                                               ("c23d", "split_uniform")])
 def test_eval_mode_supernet_scores_like_training(op_set, sampling):
