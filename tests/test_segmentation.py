@@ -108,7 +108,7 @@ def test_train_validate_test_loop_writes_results(cakes_root: Path):
     assert sorted(report["cases"]) == split["val"]
     for case in split["val"]:  # predictions on the stored grid, with the stored affine
         pred = nib.load(out / "predictions" / f"{case}.nii.gz")
-        image = nib.load(Path(cfg.data.root) / "imagesTr" / f"{case}.nii.gz")
+        image = nib.load(cakes_root / "data" / "synthetic_msd" / "imagesTr" / f"{case}.nii.gz")
         assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-4)
     assert list((out / "checkpoints").glob("step*.ckpt"))
 

@@ -3,8 +3,7 @@
 Each case is a small CT-like volume (default 64×64×24 voxels at 0.8×0.8×2.5 mm, stored with an
 LPS-style affine so that loading must reorient): air (-1000 HU) around an elliptic body with a fat
 rim (-100 HU), soft tissue (40 HU) and a vertebra (400 HU); a deformed ellipsoid "organ" (100 HU,
-label 1) and, in two cases of three, a hypodense lesion inside it (30 HU, label 2; 60–85 % of the
-organ's smallest radius); Gaussian noise (σ 15 HU).
+label 1) and, in two cases of three, a lesion inside it (60 HU, label 2); Gaussian noise (σ 15 HU).
 Deterministic from ``seed``.
 
 Output (``root``)::
@@ -34,9 +33,9 @@ import numpy as np
 from cakes.data.generate import generate_atomically
 
 #: Bump when rendering changes, so old datasets are not mistaken for new ones.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 1
 MARKER = "synthetic_msd.json"
-HU = {"air": -1000.0, "fat": -100.0, "tissue": 40.0, "organ": 100.0, "lesion": 30.0, "bone": 400.0}
+HU = {"air": -1000.0, "fat": -100.0, "tissue": 40.0, "organ": 100.0, "lesion": 60.0, "bone": 400.0}
 NOISE_HU = 15.0
 
 
@@ -70,7 +69,7 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], voxel_size: Sequ
     image[organ] = HU["organ"]
     if lesion:
         core = centre + rng.uniform(-0.3, 0.3, 3) * radii
-        r = rng.uniform(0.6, 0.85) * radii.min()  # v1 (0.5-0.7, 60 HU): too faint for any model to find
+        r = rng.uniform(0.5, 0.7) * radii.min()
         inside = organ & (((x - core[0]) ** 2 + (y - core[1]) ** 2 + (z - core[2]) ** 2) <= r**2)
         label[inside] = 2
         image[inside] = HU["lesion"]
