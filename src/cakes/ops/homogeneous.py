@@ -60,7 +60,9 @@ class SubKernelConv3d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        """The authors' rule for every conv not inflated from ImageNet (e.g. P3D's temporal 3x1x1):
+        Kaiming normal with fan_out, ``std = sqrt(2 / (out_channels · ∏kernel))``."""
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
         if self.bias is not None:
             nn.init.uniform_(self.bias, -1 / self.weight[0].numel() ** 0.5, 1 / self.weight[0].numel() ** 0.5)
 
@@ -131,7 +133,7 @@ class HomogeneousConv3d(nn.Sequential):
 
     def inflate_from_2d(self, weight: Tensor) -> list[str]:
         """ImageNet initialisation: the first step takes the inflated 2D kernel; later steps
-        (e.g. P3D's temporal conv) keep their random initialisation."""
+        (e.g. P3D's temporal conv) keep their Kaiming-normal (fan_out) initialisation."""
         return [f"0.{n}" for n in self[0].inflate_from_2d(weight)]
 
     def extra_repr(self) -> str:
