@@ -28,6 +28,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from cakes.distributed import check_shared_run_dir, ddp_strategy, resolve_batch_size, trainer_parallelism
 from cakes.loggers import LogConfigCallback, finish_loggers
 from cakes.resume import resolve_resume as _resolve_resume
+from cakes.weights import apply_init, check_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,12 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -128,6 +132,7 @@ def system_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) as the config says; returns the final logged metrics."""
     check_arch(cfg)  # before anything from the config is instantiated
+    weights = check_initial_weights(cfg)
     check_shared_run_dir()
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -140,12 +145,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     loggers = instantiate_dict(cfg.get("logger"))
     try:
-        return _fit(cfg, output_dir, loggers)
+        return _fit(cfg, output_dir, loggers, weights)
     finally:
         finish_loggers(loggers)
 
 
-def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any]) -> dict[str, float]:
+def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[str, Any]) -> dict[str, float]:
     callbacks = instantiate_dict(cfg.get("callbacks"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks + system_callbacks(cfg, output_dir),
                                       logger=loggers or False)
@@ -159,14 +164,17 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any]) -> dict[str, flo
         cfg.data.batch_size = batch["per_device"]
     ckpt_path = resolve_resume(cfg, output_dir)
     record_run(cfg, output_dir, {"batch_size": batch, "strategy": str(cfg.trainer.get("strategy")),
-                                 "resumed_from": ckpt_path})
+                                 "resumed_from": ckpt_path, "initial_weights": weights})
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     if hasattr(datamodule, "validate"):
         datamodule.validate()  # bad roots, lists, labels: fail here, before any model is built
 
     model: pl.LightningModule = instantiate(cfg.model)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if cfg.get("init"):
+        apply_init(model.net, cfg.init)
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

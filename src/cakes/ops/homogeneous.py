@@ -60,6 +60,8 @@ class SubKernelConv3d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Kaiming-uniform as ``nn.Conv3d`` (and every :class:`CakesConv3d` group) does, so that
+        all slot ops start alike when training from scratch."""
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -1 / self.weight[0].numel() ** 0.5, 1 / self.weight[0].numel() ** 0.5)
@@ -125,13 +127,15 @@ class HomogeneousConv3d(nn.Sequential):
             groups = math.gcd(width, out_channels) if step.depthwise else 1
             steps.append(SubKernelConv3d(width, out_channels, step.subkernel, stride if i == 0 else 1, groups))
             width = out_channels
+        for later in steps[1:]:  # never inflated from ImageNet (P3D's temporal conv): the authors' rule for
+            nn.init.kaiming_normal_(later.weight, mode="fan_out", nonlinearity="relu")  # new convs
         super().__init__(*steps)
         self.kind = kind
         self.in_channels, self.out_channels = in_channels, out_channels
 
     def inflate_from_2d(self, weight: Tensor) -> list[str]:
         """ImageNet initialisation: the first step takes the inflated 2D kernel; later steps
-        (e.g. P3D's temporal conv) keep their random initialisation."""
+        (e.g. P3D's temporal conv) keep their Kaiming-normal (fan_out) initialisation."""
         return [f"0.{n}" for n in self[0].inflate_from_2d(weight)]
 
     def extra_repr(self) -> str:

@@ -40,7 +40,7 @@ from cakes.ops.subkernel import OpSet, resolve_op_set
 
 SELECTION_RULES = ("layer_topk", "channel_argmax")
 SAMPLING_MODES = ("per_channel", "pair_subset", "split_uniform")
-COST_KINDS = ("volume", "macs", "latency")
+COST_KINDS = ("volume", "macs", "uniform", "latency")
 #: where a sampled or selected pair lands: ``channel`` (output position = its channel) or
 #: ``op_major`` (its rank among the layer's pairs sorted by op, then channel)
 SAMPLING_LAYOUT = {"per_channel": "channel", "pair_subset": "op_major", "split_uniform": "op_major"}
@@ -85,7 +85,8 @@ def cost_shares(op_set: OpSet, cost: str | Mapping[str, float] = "volume") -> li
     ``"volume"``: kernel volume shares (27:9:3 → 9/13, 3/13, 1/13; 27:9 → 3/4, 1/4). Within one
     layer every candidate has the same fan-in and output resolution, so MACs shares are the same
     numbers; ``"macs"`` additionally scales each layer by its MACs (see :func:`calibrate_macs_costs`).
-    A mapping ``{sub-kernel: measured latency}`` gives latency shares.
+    ``"uniform"``: every op weight 1, so every path pays the same ``s`` (the authors' lasso without
+    their reweight flag). A mapping ``{sub-kernel: measured latency}`` gives latency shares.
     """
     if isinstance(cost, Mapping):
         missing = [n for n in op_set.names if n not in cost]
@@ -94,10 +95,12 @@ def cost_shares(op_set: OpSet, cost: str | Mapping[str, float] = "volume") -> li
         raw = [float(cost[n]) for n in op_set.names]
         if any(v <= 0 for v in raw):
             raise ValueError(f"latency table entries must be positive, got {dict(cost)}")
+    elif cost == "uniform":
+        return [1.0] * len(op_set)
     elif cost in ("volume", "macs"):
         raw = [float(sub.volume) for sub in op_set]
     else:
-        raise ValueError(f"search cost must be one of {COST_KINDS[:2]} or a latency table mapping, got {cost!r}")
+        raise ValueError(f"search cost must be one of {COST_KINDS[:3]} or a latency table mapping, got {cost!r}")
     total = sum(raw)
     return [v / total for v in raw]
 
