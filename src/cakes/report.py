@@ -314,13 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.done:
             print(f"{name}: finished earlier, {metric} = {run.metrics().get(metric, float('nan')):.3f}", flush=True)
             continue
-        if run.search is not None and (run.search in failed or not run.search.done):
-            print(f"{name}: skipped (its search did not finish)", flush=True)
-            failed.append(run)
-            continue
         if cfg.dry_run:
             state = "to resume" if (run.run_dir / "checkpoints").is_dir() else "to run"
             print(f"{name}: {state}: {run.script} {' '.join(run.overrides)}", flush=True)
+            continue
+        if run.search is not None and (run.search in failed or not run.search.done):
+            print(f"{name}: skipped (its search did not finish)", flush=True)
+            failed.append(run)
             continue
         print(f"{name}: running ...", end=" ", flush=True)
         start = time.monotonic()
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
         write_report(cfg, runs)
     write_report(cfg, runs)
-    print(f"report: {Path(cfg.out) / 'report.md'} and report.png ({len(runs) - len(failed)} of {len(runs)} runs "
+    print(f"report: {Path(cfg.out) / 'report.md'} and report.png ({sum(r.done for r in runs)} of {len(runs)} runs "
           f"finished)", flush=True)
     return 1 if failed else 0
 
