@@ -233,13 +233,3 @@ def test_bad_search_settings_raise():
     slot = cost_slot()
     with pytest.raises(ValueError, match="selection rule must be one of"):
         slot.counts("best")
-
-
-def test_performance_slot_ops_of_a_channel_start_from_one_kernel():
-    """Every op of a channel is the inflation of the same random 2D kernel (ImageNet init's relation)."""
-    torch.manual_seed(0)
-    slot = perf_slot(op_set="c123d", width=5, in_channels=4)
-    k2d = slot.candidates.weights["1x3x3"][:, :, 0]  # (5, 4, 3, 3): 1x3x3 is the 2D kernel itself
-    torch.testing.assert_close(slot.candidates.weights["3x3x3"], inflate_2d(k2d, "3x3x3"))
-    torch.testing.assert_close(slot.candidates.weights["3x1x1"], inflate_2d(k2d, "3x1x1"))
-    assert float(k2d.std()) == pytest.approx((2 / (5 * 9)) ** 0.5, rel=0.35)  # Kaiming normal, fan_out of a 3x3 conv

@@ -238,22 +238,6 @@ class PerformancePrioritySlot(SearchSlot):
         if not isinstance(self.norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
             raise ValueError(f"layer {self.layer!r}: performance-priority slots slice a BatchNorm or InstanceNorm, "
                              f"got {type(self.norm).__name__}")
-        self.share_initial_kernels()
-
-    @torch.no_grad()
-    def share_initial_kernels(self) -> None:
-        """Start every op of a channel from one random ``k×k`` kernel (Kaiming normal, fan_out),
-        inflated by the CAKES rules: the relation ImageNet initialisation gives them.
-
-        Sampling swaps the op behind an output position from step to step, so the next conv can
-        only learn from that position if its ops compute related features. Independent random ops
-        made it a different random feature every step, and the demo supernet stayed at chance for
-        17 epochs at lr 0.005 (README, "Seed robustness"). ImageNet weights overwrite this.
-        """
-        k = self.candidates.kernel_size
-        kernel = torch.empty(self.width, self.in_channels, k, k, device=self.norm.weight.device)
-        nn.init.kaiming_normal_(kernel, mode="fan_out", nonlinearity="relu")
-        self.candidates.inflate_from_2d(kernel.repeat(self.num_ops, 1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
