@@ -27,7 +27,7 @@ def test_plan_runs_each_retrain_after_its_search_seed_by_seed(tmp_path):
             assert runs[i - 1] is run.search and run.search.kind == "search" and run.search.seed == run.seed
             assert run.script == "train.py" and run.overrides == ["experiment=demo_cakes"]
     perf = next(r for r in runs if r.model == "found performance" and r.kind == "search")
-    assert "operator=performance_priority" in perf.overrides and "search.lasso=0" in perf.overrides
+    assert perf.overrides == ["experiment=demo_search_perf"]
     cost = next(r for r in runs if r.model == "found cost s=0.01" and r.kind == "search")
     assert cost.overrides[-1] == "search.lasso=0.01"
     assert len({r.run_dir for r in runs}) == len(runs)  # every run its own directory
@@ -51,7 +51,7 @@ def test_report_runs_writes_table_and_plot_and_skips_finished_runs(tmp_path, mon
     monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
     out = tmp_path / "report"
     extra = "[" + ",".join(f"'{o}'" for o in TINY) + "]"
-    args = [f"out={out}", "seeds=2", "only=[C3D,found cost s=0.0001]", "track.lasso=[1e-4]", f"extra={extra}"]
+    args = [f"out={out}", "seeds=2", "only=[C3D,found_cost_s_0.0001]", "track.lasso=[1e-4]", f"extra={extra}"]
     assert report.main(args) == 0
     table = (out / "report.md").read_text()
     rows = {line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines()[4:]}
