@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cakes.config import conf_dir
+from cakes.figures import save_figure
 from cakes.run import write_atomic
 
 #: the entry points live next to ``conf/``
@@ -265,13 +266,7 @@ def plot(cfg: DictConfig, rows: list[dict[str, Any]], path: Path) -> Path | None
     ax.set_title(f"{cfg.track.name} track: accuracy vs cost", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(cfg: DictConfig, runs: list[Run]) -> None:

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from cakes.arch import Arch, save_arch
+from cakes.figures import save_figure
 from cakes.ops.search import SELECTION_RULES, search_slots
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,7 @@ def plot_arch(arch: Arch, path: Path, title: str = "") -> Path:
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 class CakesPruneCallback(pl.Callback):
