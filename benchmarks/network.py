@@ -5,7 +5,7 @@ Two tracks, each architecture paired with its all-3D baseline:
 * ``video``: ResNet-50 I3D (SSV1 head, 174 classes) — C2D, P3D and the six published CAKES
   architectures (``archs/ssv1_*.yaml``) against C3D, clips of 8×112² and 8×224², batch 1 and 2;
 * ``volume``: C2FNAS (light head, 3 classes) — all-2D (3x3x1), uniform v123d and a found
-  architecture against all-3D, patches of 64³ and 96³, batch 1.
+  architecture (``--found``) against all-3D, patches of 64³ and 96³, batch 1.
 
 Every (architecture, shape) pair runs in its own process (fresh oneDNN caches, nothing left over
 from other networks): both networks are built, warmed up (``--warmup`` rounds; the first also
@@ -60,9 +60,6 @@ from cakes.run import write_atomic  # noqa: E402
 
 CL = torch.channels_last_3d
 PUBLISHED = [f"ssv1_cakes{s}_{m}" for s in ("12d", "23d", "123d") for m in ("c", "p")]
-#: the found volumetric architecture: the demo search's export (C2FNAS at width 1/8), fitted to the
-#: benchmark width (×8 at full width: every count multiplied, the searched mix kept exactly)
-FOUND_VOLUME = ROOT / "benchmarks" / "archs" / "demo_msd_found.yaml"
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def fit_arch(arch: Arch, slots: Mapping[str, int]) -> Arch:
     return Arch(arch.backbone, arch.op_set, layers, {**arch.meta, "fitted_to_width": True})
 
 
-def operator(track: str, name: str, width: float, found: Path) -> OperatorFactory:
+def operator(track: str, name: str, width: float, found: Path | None) -> OperatorFactory:
     """The operator factory of network ``name`` of ``track``."""
     if track == "video":
         homogeneous = {"C2D": "c2d", "P3D": "p3d", "C3D": "c3d"}
@@ -107,11 +104,13 @@ def operator(track: str, name: str, width: float, found: Path) -> OperatorFactor
     if name == "uniform v123d":
         return Uniform("v123d")
     if name == "found":
+        if found is None:
+            raise ValueError("the volume network 'found' needs --found <c2fnas arch yaml> (a search export)")
         return Derived(fit_arch(load_arch(found), C2FNAS.slots(width=width)))
     raise ValueError(f"unknown {track} network {name!r}; known: {[TRACKS[track].baseline, *TRACKS[track].networks]}")
 
 
-def build(track: str, name: str, width: float, found: Path) -> nn.Module:
+def build(track: str, name: str, width: float, found: Path | None) -> nn.Module:
     op = operator(track, name, width, found)
     if track == "video":
         return ResNet3d(operator=op, depth=50, width=width, num_classes=174)
@@ -131,7 +130,7 @@ def parse_shape(track: str, spec: str) -> tuple[int, ...]:
         raise SystemExit(f"--shapes: cannot read {spec!r} for the {track} track; expected e.g. {example}") from None
 
 
-def macs(track: str, name: str, width: float, found: Path, shape: tuple[int, ...]) -> int:
+def macs(track: str, name: str, width: float, found: Path | None, shape: tuple[int, ...]) -> int:
     """Closed-form MACs of one sample (built on the meta device)."""
     with torch.device("meta"):
         net = build(track, name, width, found)
@@ -341,7 +340,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--layout", choices=["channels_last", "ncdhw"], default="channels_last")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (toy sizes for tests)")
-    parser.add_argument("--found", type=Path, default=FOUND_VOLUME, help="c2fnas arch yaml of the 'found' network")
+    parser.add_argument("--found", type=Path, default=None,
+                        help="c2fnas arch yaml of the volume track's 'found' network, fitted to the benchmark width "
+                             "(a width-1/8 demo export runs ×8 at full width); without it 'found' is left out")
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime inference of exported networks")
     parser.add_argument("--one-process", action="store_true",
                         help="all networks of the track in this one process, interleaved (no pairing)")
@@ -358,11 +359,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return []
     # the settings a worker needs, as command-line flags
     args.forward = ["--reps", str(args.reps), "--warmup", str(args.warmup), "--device", args.device,
-                    "--layout", args.layout, "--width", str(args.width), "--found", str(args.found),
+                    "--layout", args.layout, "--width", str(args.width),
+                    *(["--found", str(args.found)] if args.found else []),
                     "--modes", *args.modes, *(["--threads", str(args.threads)] if args.threads else []),
                     *(["--onnx"] if args.onnx else [])]
     track = TRACKS[args.track]
-    archs = args.only or list(track.networks)
+    archs = args.only or [n for n in track.networks if n != "found" or args.found]
+    if "found" in archs and args.track == "volume" and args.found is None:
+        parser.error("--only found: give the architecture with --found <c2fnas arch yaml>")
     unknown = [a for a in archs if a not in track.networks]
     if unknown:
         parser.error(f"--only: {unknown} are not {args.track} networks; known: {list(track.networks)}")
