@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from cakes.profile import profile
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -14,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -53,3 +59,49 @@ def test_search_benchmark_pairs_supernet_steps_with_derived_networks(capsys):
         mine, ref, ratio = (float(v) for v in row[1:4])
         rounding = 0.05 / ref * (1 + mine / ref) + 0.005  # ms printed to 0.1, ratio to 0.01
         assert mine > 0 and ref > 0 and ratio == pytest.approx(mine / ref, abs=rounding)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("track, net, shape, width", [("video", "ssv1_cakes23d_c", "2x32:1", 0.0625),
+                                                     ("volume", "uniform v123d", "32:1", 0.0625)])
+def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, track, net, shape, width):
+    """One pair in its worker process at a toy width: table, JSON of every timing and the PNG."""
+    network = load("network")
+    rows = network.main(["--track", track, "--only", net, "--shapes", shape, "--width", str(width), "--reps", "2",
+                         "--warmup", "0", "--out", str(tmp_path)])
+    (row,) = rows
+    with torch.device("meta"):  # the MAC ratio is the closed-form count of the two networks
+        macs = [profile(network.build(track, n, width, None), network.parse_shape(track, shape)).macs
+                for n in (network.TRACKS[track].baseline, net)]
+    assert row.arch == net and row.mac_ratio == pytest.approx(macs[1] / macs[0])
+    assert 0 < row.mac_ratio < 1 and set(row.ms) == {"train", "eval"}
+    assert all(base > 0 and arch > 0 for base, arch in row.ms.values())
+    saved = json.loads((tmp_path / f"network_{track}.json").read_text())
+    times = saved["times"][f"{shape} {net}"]
+    assert all(len(times[m][n]) == 2 for m in ("train", "eval") for n in (network.TRACKS[track].baseline, net))
+    (line,) = table_rows((tmp_path / f"network_{track}.md").read_text())
+    assert line[:3] == [shape, net, f"{row.mac_ratio:.3f}"]
+    assert float(line[5]) == pytest.approx(row.ratio("train"), abs=5e-4)
+    assert (tmp_path / f"network_{track}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "load average at start" in capsys.readouterr().out
+
+
+def test_network_benchmark_fits_archs_to_any_width_and_checks_its_arguments():
+    network = load("network")
+    arch = network.load_arch(network.ROOT / "archs" / "ssv1_cakes123d_p.yaml")
+    slots = network.ResNet3d.slots(depth=50, width=0.125)
+    fitted = network.fit_arch(arch, slots)
+    for name, width in slots.items():
+        assert sum(fitted.layers[name].values()) == width
+        for k, n in fitted.layers[name].items():  # largest remainder: within one channel of the exact share
+            assert abs(n - arch.layers[name][k] * width / sum(arch.layers[name].values())) < 1
+    doubled = network.fit_arch(arch, {name: 2 * w for name, w in network.ResNet3d.slots(depth=50, width=1.0).items()})
+    assert all(doubled.layers[n] == {k: 2 * c for k, c in arch.layers[n].items()} for n in arch.layers)
+    assert network.parse_shape("video", "8x112:2") == (2, 3, 8, 112, 112)
+    assert network.parse_shape("volume", "96:1") == (1, 1, 96, 96, 96)
+    with pytest.raises(SystemExit, match=r"--shapes: cannot read '8x112' for the video track"):
+        network.parse_shape("video", "8x112")
+    with pytest.raises(SystemExit):
+        network.main(["--only", "C3D2"])
+    with pytest.raises(SystemExit):
+        network.main(["--track", "volume", "--only", "found"])  # needs --found

@@ -14,12 +14,22 @@ import torch
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cakes.ops import OP_SETS, CakesConv3d, SubKernel
+from cakes.ops import OP_SETS, CakesConv3d, SubKernel, plan
 from cakes.ops.functional import cakes_conv3d
 
 STRIDES = [1, (1, 2, 2), 2]
 ALL_SUBKERNELS = ["3x3x3", "1x3x3", "3x1x3", "3x3x1", "3x1x1", "1x3x1", "1x1x3", "1x1x1"]
 CL = torch.channels_last_3d
+
+
+@pytest.fixture(autouse=True)
+def fused_execution(monkeypatch):
+    """This file tests the fused execution itself: no execution plan (see test_ops_plan.py)."""
+    monkeypatch.setenv(plan.ENV_VAR, plan.mode())
+    previous = plan.mode()
+    plan.configure("fused")
+    yield
+    plan.configure(previous)
 
 
 def random_counts(names, total: int, rng: random.Random) -> dict[str, int]:

@@ -27,6 +27,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from cakes.distributed import check_shared_run_dir, ddp_strategy, resolve_batch_size, trainer_parallelism
 from cakes.loggers import LogConfigCallback, finish_loggers
+from cakes.ops import plan as conv_plan
 from cakes.resume import resolve_resume as _resolve_resume
 from cakes.weights import apply_init, check_initial_weights
 
@@ -133,6 +134,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) as the config says; returns the final logged metrics."""
     check_arch(cfg)  # before anything from the config is instantiated
     weights = check_initial_weights(cfg)
+    conv_plan.configure(str(cfg.get("conv_plan") or "benchmark"))
     check_shared_run_dir()
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)

@@ -8,7 +8,9 @@ convolution over all input channels; outputs are concatenated along channels::
                           ├─ conv 1x3x3 → (N, n_1x3x3, T', H', W') ─┼─ concat → (N, C_out, T', H', W')
                           └─ conv 3x1x1 → (N, n_3x1x1, T', H', W') ─┘
 
-Semantics: ``F.conv3d(x, op.to_dense(), stride=stride, padding=k // 2) == op(x)``.
+Semantics: ``F.conv3d(x, op.to_dense(), stride=stride, padding=k // 2) == op(x)``. Which of the
+equivalent executions runs (these groups fused, per group, or that one dense conv) is chosen per
+layer by :mod:`cakes.ops.plan`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cakes.ops.functional import Stride, as_triple, cakes_conv3d
+from cakes.ops import plan
+from cakes.ops.functional import Stride, as_triple, dense_weight
 from cakes.ops.inflate import inflate_2d_grouped
 from cakes.ops.subkernel import SubKernel, parse_counts
 
@@ -84,7 +87,8 @@ class CakesConv3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C_in, T, H, W) -> (N, C_out, T', H', W')``."""
         weights = [self.weights[sub.name] for sub in self.subkernels]
-        return cakes_conv3d(x, weights, self.subkernels, self.stride, self.bias)
+        execution = plan.choose(x, weights, self.subkernels, self.stride, self.bias, self.kernel_size)
+        return plan.EXECUTE[execution](x, weights, self.subkernels, self.stride, self.bias, self.kernel_size)
 
     @classmethod
     def from_dense(
@@ -122,15 +126,7 @@ class CakesConv3d(nn.Module):
 
     def to_dense(self) -> Tensor:
         """The equivalent zero-padded ``(out, in, k, k, k)`` weight (differentiable)."""
-        k = self.kernel_size
-        rows = []
-        for sub in self.subkernels:
-            w = self.weights[sub.name]
-            pads: list[int] = []
-            for s in reversed(sub.size):  # F.pad lists the last axis first
-                pads += [(k - s) // 2, (k - s) // 2]
-            rows.append(F.pad(w, pads))
-        return torch.cat(rows, dim=0)
+        return dense_weight([self.weights[sub.name] for sub in self.subkernels], self.subkernels, self.kernel_size)
 
     def extra_repr(self) -> str:
         counts = ", ".join(f"{n}: {c}" for n, c in self._all_counts)

@@ -3,6 +3,7 @@
 * :func:`subkernel_conv` — one sub-kernel: a plain ``F.conv3d`` with shape-preserving padding.
 * :func:`cakes_conv3d` — the whole heterogeneous op of :class:`~cakes.ops.conv.CakesConv3d`
   (every group, concatenated along channels, plus bias).
+* :func:`dense_weight` — the same op as one zero-padded ``kxkxk`` weight (C3D's cost).
 
 On CPU (float32/float64, no ``TorchDispatchMode`` active) :func:`cakes_conv3d` runs as ONE autograd
 node, :class:`_CakesConvCPU`, instead of per-group ``F.conv3d`` + ``torch.cat`` + bias:
@@ -107,6 +108,18 @@ def cakes_conv3d(
             return _CakesConvCPU.apply(x, bias, subs, stride, out_index, *weights)
         return _forward_cpu(x, list(weights), subs, stride, bias, out_index)[0]
     return _forward_plain(x, weights, subs, stride, bias, out_index)
+
+
+def dense_weight(weights: Sequence[Tensor], subs: Sequence[SubKernel], kernel_size: int) -> Tensor:
+    """The equivalent zero-padded ``(C_out, C_in, k, k, k)`` weight of the groups (differentiable):
+    ``cakes_conv3d(x, weights, subs, s) == F.conv3d(x, dense_weight(...), stride=s, padding=k // 2)``."""
+    rows = []
+    for w, sub in zip(weights, subs):
+        pads: list[int] = []
+        for s in reversed(sub.size):  # F.pad lists the last axis first
+            pads += [(kernel_size - s) // 2, (kernel_size - s) // 2]
+        rows.append(F.pad(w, pads))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -1,0 +1,410 @@
+"""Whole networks against their all-3D baseline: training step and inference wall time vs MACs.
+
+Two tracks, each architecture paired with its all-3D baseline:
+
+* ``video``: ResNet-50 I3D (SSV1 head, 174 classes) — C2D, P3D and the six published CAKES
+  architectures (``archs/ssv1_*.yaml``) against C3D, clips of 8×112² and 8×224², batch 1 and 2;
+* ``volume``: C2FNAS (light head, 3 classes) — all-2D (3x3x1), uniform v123d and a found
+  architecture (``--found``) against all-3D, patches of 64³ and 96³, batch 1.
+
+Every (architecture, shape) pair runs in its own process (fresh oneDNN caches, nothing left over
+from other networks): both networks are built, warmed up (``--warmup`` rounds; the first also
+settles the execution plan of ``CakesConv3d``, see ``cakes.ops.plan``) and then timed INTERLEAVED
+(baseline, arch, baseline, arch, …); medians are reported::
+
+    time ratio = arch ms / baseline ms       MAC ratio = arch MACs / baseline MACs (closed form)
+
+A training step is forward + cross-entropy + backward (gradients set to None between steps, no
+optimizer); inference is ``eval()`` under ``no_grad``. ``time ÷ MAC`` is 1.0 when an architecture
+turns its MAC savings fully into time savings. ``--one-process`` instead builds every network of
+the track in ONE process and interleaves them all (the "many models in one process" case).
+
+    python benchmarks/network.py --track video --shapes 8x112:1 --reps 5 --out benchmarks/results
+    python benchmarks/network.py --track volume --shapes 64:1 96:1 --reps 3
+    python benchmarks/network.py --only ssv1_cakes23d_c --modes eval --onnx
+    python benchmarks/network.py --device cuda          # timed with CUDA events
+
+Writes ``<out>/network_<track>.md`` (table, settings, machine load) and ``network_<track>.png``
+(time ratio against MAC ratio, one point per architecture and shape, the diagonal "time = MACs"),
+and ``network_<track>.json`` (every timing) when ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from cakes.arch import Arch, load_arch  # noqa: E402
+from cakes.backbones import C2FNAS, ResNet3d  # noqa: E402
+from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform  # noqa: E402
+from cakes.profile import profile  # noqa: E402
+from cakes.run import write_atomic  # noqa: E402
+
+CL = torch.channels_last_3d
+PUBLISHED = [f"ssv1_cakes{s}_{m}" for s in ("12d", "23d", "123d") for m in ("c", "p")]
+
+
+@dataclass(frozen=True)
+class Track:
+    baseline: str
+    networks: tuple[str, ...]
+    shapes: tuple[str, ...]  # default shapes, "TxS:B" (video) or "S:B" (volume)
+
+
+TRACKS = {
+    "video": Track("C3D", ("C2D", "P3D", *PUBLISHED), ("8x112:1", "8x112:2", "8x224:1", "8x224:2")),
+    "volume": Track("C2FNAS 3D", ("C2FNAS 2D", "uniform v123d", "found"), ("64:1", "96:1")),
+}
+
+
+def fit_arch(arch: Arch, slots: Mapping[str, int]) -> Arch:
+    """``arch`` with every layer's counts scaled to the slot widths of ``slots`` (largest remainder,
+    listed order on ties), so the published full-width mixes also run at toy widths and a width-1/8
+    search export runs at full width (×8: exact)."""
+    layers = {}
+    for name, width in slots.items():
+        counts = arch.layers[name]
+        total = sum(counts.values())
+        exact = {k: n * width / total for k, n in counts.items()}
+        fitted = {k: int(v) for k, v in exact.items()}
+        for k in sorted(exact, key=lambda k: fitted[k] - exact[k])[: width - sum(fitted.values())]:
+            fitted[k] += 1
+        layers[name] = fitted
+    return Arch(arch.backbone, arch.op_set, layers, {**arch.meta, "fitted_to_width": True})
+
+
+def operator(track: str, name: str, width: float, found: Path | None) -> OperatorFactory:
+    """The operator factory of network ``name`` of ``track``."""
+    if track == "video":
+        homogeneous = {"C2D": "c2d", "P3D": "p3d", "C3D": "c3d"}
+        if name in homogeneous:
+            return Homogeneous(homogeneous[name])
+        return Derived(fit_arch(load_arch(ROOT / "archs" / f"{name}.yaml"), ResNet3d.slots(depth=50, width=width)))
+    homogeneous = {"C2FNAS 3D": "c3d", "C2FNAS 2D": "vol2d"}
+    if name in homogeneous:
+        return Homogeneous(homogeneous[name])
+    if name == "uniform v123d":
+        return Uniform("v123d")
+    if name == "found":
+        if found is None:
+            raise ValueError("the volume network 'found' needs --found <c2fnas arch yaml> (a search export)")
+        return Derived(fit_arch(load_arch(found), C2FNAS.slots(width=width)))
+    raise ValueError(f"unknown {track} network {name!r}; known: {[TRACKS[track].baseline, *TRACKS[track].networks]}")
+
+
+def build(track: str, name: str, width: float, found: Path | None) -> nn.Module:
+    op = operator(track, name, width, found)
+    if track == "video":
+        return ResNet3d(operator=op, depth=50, width=width, num_classes=174)
+    return C2FNAS(operator=op, width=width, num_classes=3)
+
+
+def parse_shape(track: str, spec: str) -> tuple[int, ...]:
+    """``"8x112:2"`` -> ``(2, 3, 8, 112, 112)`` (video); ``"96:1"`` -> ``(1, 1, 96, 96, 96)`` (volume)."""
+    try:
+        size, batch = spec.split(":")
+        if track == "video":
+            frames, side = (int(v) for v in size.split("x"))
+            return (int(batch), 3, frames, side, side)
+        return (int(batch), 1, int(size), int(size), int(size))
+    except ValueError:
+        example = "8x112:2 (frames x side : batch)" if track == "video" else "96:1 (side : batch)"
+        raise SystemExit(f"--shapes: cannot read {spec!r} for the {track} track; expected e.g. {example}") from None
+
+
+def macs(track: str, name: str, width: float, found: Path | None, shape: tuple[int, ...]) -> int:
+    """Closed-form MACs of one sample (built on the meta device)."""
+    with torch.device("meta"):
+        net = build(track, name, width, found)
+    return profile(net, (1, *shape[1:])).macs
+
+
+# --------------------------------------------------------------------------------------------------
+# timing (one process)
+# --------------------------------------------------------------------------------------------------
+
+
+class Timer:
+    """Wall time of a callable: ``perf_counter`` on CPU, CUDA events (no other sync) on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def step_fn(net: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward; grads reset) or one inference."""
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def train() -> None:
+        for p in params:
+            p.grad = None
+        F.cross_entropy(net(x), target).backward()
+
+    def infer() -> None:
+        with torch.no_grad():
+            net(x)
+
+    return train if mode == "train" else infer
+
+
+def targets(track: str, net_out_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    if track == "video":
+        return torch.randint(0, net_out_shape[1], net_out_shape[:1], generator=gen).to(device)
+    return torch.randint(0, net_out_shape[1], (net_out_shape[0], *net_out_shape[2:]), generator=gen).to(device)
+
+
+def time_interleaved(
+    track: str, names: list[str], shape: tuple[int, ...], args: argparse.Namespace
+) -> dict[str, dict[str, list[float]]]:
+    """``{mode: {network: [seconds per rep]}}``, every network of ``names`` built here and timed
+    round-robin after ``args.warmup`` untimed rounds."""
+    device = torch.device(args.device)
+    fmt = CL if args.layout == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    nets = {name: build(track, name, args.width, args.found).to(device, memory_format=fmt) for name in names}
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device).contiguous(memory_format=fmt)
+    timer = Timer(device)
+    result: dict[str, dict[str, list[float]]] = {}
+    for mode in args.modes:
+        for net in nets.values():
+            net.train(mode == "train")
+        with torch.no_grad():
+            out_shape = tuple(nets[names[0]](x[:1]).shape)
+        target = targets(track, (shape[0], *out_shape[1:]), device)
+        steps = {name: step_fn(net, x, target, mode) for name, net in nets.items()}
+        for _ in range(args.warmup):
+            for step in steps.values():
+                timer(step)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(args.reps):
+            for name, step in steps.items():
+                times[name].append(timer(step))
+        result[mode] = times
+        if mode == "eval" and args.onnx:
+            result["onnx"] = time_onnx(nets, x, args)
+    return result
+
+
+def time_onnx(nets: Mapping[str, nn.Module], x: torch.Tensor, args: argparse.Namespace) -> dict[str, list[float]]:
+    """onnxruntime (CPU provider, ``args`` threads) inference of each network exported by
+    :func:`cakes.export.export_onnx`, interleaved; seconds per rep."""
+    import onnxruntime as ort
+
+    from cakes.export import export_onnx
+
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, net) in enumerate(nets.items()):
+            path = export_onnx(net.eval().cpu(), tuple(x.shape), Path(tmp) / f"net{i}.onnx")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = x.detach().cpu().contiguous().numpy()
+    steps = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for name, s in sessions.items()}
+    timer = Timer(torch.device("cpu"))
+    for _ in range(args.warmup):
+        for step in steps.values():
+            timer(step)
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    for _ in range(args.reps):
+        for name, step in steps.items():
+            times[name].append(timer(step))
+    return times
+
+
+# --------------------------------------------------------------------------------------------------
+# runs, tables, plot
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One architecture at one shape: medians (ms) of it and of its baseline per mode."""
+
+    track: str
+    shape: str
+    arch: str
+    mac_ratio: float
+    ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # mode -> (baseline, arch)
+
+    def ratio(self, mode: str) -> float:
+        base, arch = self.ms[mode]
+        return arch / base
+
+
+def run_pair(track: str, arch: str, spec: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Time ``arch`` with its baseline in a child process (``--worker``); returns its timings."""
+    names = [TRACKS[track].baseline, arch]
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps([track, names, spec]),
+               *args.forward]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    if done.returncode:
+        raise RuntimeError(f"benchmark worker for {arch} at {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_text() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def table(rows: list[Row], modes: list[str]) -> str:
+    labels = {"train": "train", "eval": "inference", "onnx": "onnxruntime"}
+    head = "| shape | arch | MAC ratio |"
+    rule = "|---|---|---:|"
+    for mode in modes:
+        head += f" {labels[mode]} base ms | {labels[mode]} ms | {labels[mode]} ratio | {labels[mode]} ÷ MAC |"
+        rule += "---:|---:|---:|---:|"
+    lines = [head, rule]
+    for r in rows:
+        line = f"| {r.shape} | {r.arch} | {r.mac_ratio:.3f} |"
+        for mode in modes:
+            base, arch = r.ms[mode]
+            line += f" {base * 1e3:.0f} | {arch * 1e3:.0f} | {arch / base:.3f} | {arch / base / r.mac_ratio:.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
+    """Time ratio against MAC ratio, one panel per mode, one point per architecture and shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"train": "training step", "eval": "inference", "onnx": "onnxruntime inference"}
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 5), squeeze=False)
+    shapes = sorted({r.shape for r in rows})
+    markers = dict(zip(shapes, "os^Dv<>p"))
+    top = max([1.1] + [r.ratio(m) * 1.05 for r in rows for m in modes] + [r.mac_ratio * 1.05 for r in rows])
+    for ax, mode in zip(axes[0], modes):
+        ax.plot([0, top], [0, top], "k--", lw=1, label="time = MACs")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="baseline time")
+        for r in rows:
+            ax.scatter(r.mac_ratio, r.ratio(mode), marker=markers[r.shape], s=36)
+            ax.annotate(r.arch.replace("ssv1_cakes", ""), (r.mac_ratio, r.ratio(mode)), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        for s in shapes:
+            ax.scatter([], [], marker=markers[s], color="grey", label=s)
+        ax.set(xlim=(0, top), ylim=(0, top), xlabel="MAC ratio (arch / all-3D)", ylabel="time ratio (arch / all-3D)",
+               title=f"{title}: {labels[mode]}")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--track", choices=list(TRACKS), default="video")
+    parser.add_argument("--only", nargs="+", metavar="NET", help="architectures to run (default: all of the track)")
+    parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                        help="video 'TxS:B' (8x112:1), volume 'S:B' (96:1); default: the track's shapes")
+    parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"])
+    parser.add_argument("--reps", type=int, default=5, help="timed interleaved rounds (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (CUDA timed with events)")
+    parser.add_argument("--layout", choices=["channels_last", "ncdhw"], default="channels_last")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (toy sizes for tests)")
+    parser.add_argument("--found", type=Path, default=None,
+                        help="c2fnas arch yaml of the volume track's 'found' network, fitted to the benchmark width "
+                             "(a width-1/8 demo export runs ×8 at full width); without it 'found' is left out")
+    parser.add_argument("--onnx", action="store_true", help="also time onnxruntime inference of exported networks")
+    parser.add_argument("--one-process", action="store_true",
+                        help="all networks of the track in this one process, interleaved (no pairing)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the markdown table, PNG and JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.onnx and "eval" not in args.modes:
+        parser.error("--onnx times inference: keep 'eval' in --modes")
+    if args.worker:  # child process of run_pair: time one pair, print the JSON
+        track, names, spec = json.loads(args.worker)
+        print(json.dumps(time_interleaved(track, names, parse_shape(track, spec), args)))
+        return []
+    # the settings a worker needs, as command-line flags
+    args.forward = ["--reps", str(args.reps), "--warmup", str(args.warmup), "--device", args.device,
+                    "--layout", args.layout, "--width", str(args.width),
+                    *(["--found", str(args.found)] if args.found else []),
+                    "--modes", *args.modes, *(["--threads", str(args.threads)] if args.threads else []),
+                    *(["--onnx"] if args.onnx else [])]
+    track = TRACKS[args.track]
+    archs = args.only or [n for n in track.networks if n != "found" or args.found]
+    if "found" in archs and args.track == "volume" and args.found is None:
+        parser.error("--only found: give the architecture with --found <c2fnas arch yaml>")
+    unknown = [a for a in archs if a not in track.networks]
+    if unknown:
+        parser.error(f"--only: {unknown} are not {args.track} networks; known: {list(track.networks)}")
+    specs = args.shapes or list(track.shapes)
+    modes = [*args.modes, *(["onnx"] if args.onnx else [])]
+    started = load_text()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{args.device}, {args.layout}, width {args.width}; {args.warmup} warm-up + {args.reps} interleaved reps, "
+          f"medians; load average {started}", flush=True)
+    rows: list[Row] = []
+    raw: dict[str, Any] = {}
+    for spec in specs:
+        shape = parse_shape(args.track, spec)
+        base_macs = macs(args.track, track.baseline, args.width, args.found, shape)
+        if args.one_process:
+            times = time_interleaved(args.track, [track.baseline, *archs], shape, args)
+        for arch in archs:
+            pair = times if args.one_process else run_pair(args.track, arch, spec, args)
+            raw[f"{spec} {arch}"] = pair
+            ratio = macs(args.track, arch, args.width, args.found, shape) / base_macs
+            row = Row(args.track, spec, arch, ratio,
+                      {m: (statistics.median(pair[m][track.baseline]), statistics.median(pair[m][arch])) for m in modes})
+            rows.append(row)
+            print(table([row], modes).splitlines()[-1], flush=True)
+    settings = (f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}, "
+                f"{args.device}, {args.layout}, {torch.get_num_threads()} threads, width {args.width}, "
+                f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average at start {started}, "
+                f"at end {load_text()}")
+    text = f"{settings}\n\n{table(rows, modes)}\n"
+    print(f"\n{text}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out / f"network_{args.track}.md", text)
+        write_atomic(args.out / f"network_{args.track}.json",
+                     json.dumps({"settings": settings, "rows": [asdict(r) for r in rows], "times": raw}, indent=1))
+        plot(rows, modes, args.out / f"network_{args.track}.png", "ResNet-50 I3D" if args.track == "video" else "C2FNAS")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Execution plan of :class:`~cakes.ops.conv.CakesConv3d`: which of its equivalent executions runs.
+
+A heterogeneous convolution can run in several ways that compute the same function
+(``op(x) == F.conv3d(x, op.to_dense(), stride, padding=k // 2)``, gradients included):
+
+* ``fused`` — :func:`~cakes.ops.functional.cakes_conv3d`: one convolution per sub-kernel group
+  (on CPU one autograd node writing every group into one output; elsewhere per-group + concat);
+* ``grouped`` — the plain per-group form: ``F.conv3d`` per group, ``torch.cat``, bias;
+* ``dense`` — ONE ``kxkxk`` convolution with the sub-kernels zero-padded
+  (:func:`~cakes.ops.functional.dense_weight`): exactly the cost of the all-3D (C3D) layer.
+
+Which is fastest depends on the layer (widths, mix of sub-kernels), the input shape and layout,
+the device and whether gradients are needed: grouped convolutions save MACs but oneDNN/cuDNN run
+small or thin convolutions at a lower throughput than one wide ``kxkxk`` one. In ``benchmark`` mode
+(the default, like ``torch.backends.cudnn.benchmark``) the first call with a new
+:func:`plan_key` — (device, dtype, input shape, layout, gradients needed, in-channels, counts,
+stride, bias) — times every candidate on that input (interleaved, best of
+:data:`BENCHMARK_REPS` after one warm-up; training calls time forward + backward) and caches the
+fastest; later calls look it up (a dict lookup: no timing, no host synchronisation). Since
+``dense`` is always a candidate, a planned layer is never slower than C3D's by more than the
+measurement noise.
+
+Settings (:func:`configure`, or the ``CAKES_CONV_PLAN`` environment variable read at import;
+``conv_plan=…`` in the train/search configs sets both):
+
+* ``benchmark`` — measure once per key, cache (default);
+* ``fused`` | ``grouped`` | ``dense`` — always that execution (``fused`` = no plan: the
+  behaviour before plans existed);
+* ``deterministic=True`` (``CAKES_CONV_PLAN=deterministic``; also implied by
+  ``torch.use_deterministic_algorithms(True)``) — no timing: the choice is the fixed
+  :func:`rule` of the key, identical on every run and every rank.
+
+Counters, fake/meta tensors, tracers (``torch.export``, ONNX, ``torch.compile``) and
+``torch.func`` transforms always get ``fused`` (whose plain per-group form they see), whatever the
+mode: MAC counts stay the closed form of the groups.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from cakes.ops.functional import _forward_plain, cakes_conv3d, dense_weight
+from cakes.ops.subkernel import SubKernel
+
+EXECUTIONS = ("fused", "grouped", "dense")
+MODES = ("benchmark", "deterministic", *EXECUTIONS)
+ENV_VAR = "CAKES_CONV_PLAN"
+#: timed runs per candidate after one warm-up run; the fastest run counts (noise only adds time)
+BENCHMARK_REPS = 3
+#: ``rule``: a group mix whose MACs are at least this share of the dense layer's runs dense
+DENSE_MAC_SHARE = 0.75
+
+PlanKey = tuple
+Execute = Callable[[Tensor, Sequence[Tensor], Sequence[SubKernel], tuple[int, int, int], Tensor | None, int], Tensor]
+
+
+def _fused(x, weights, subs, stride, bias, kernel_size):
+    return cakes_conv3d(x, weights, subs, stride, bias)
+
+
+def _grouped(x, weights, subs, stride, bias, kernel_size):
+    return _forward_plain(x, weights, subs, stride, bias)
+
+
+def _dense(x, weights, subs, stride, bias, kernel_size):
+    return F.conv3d(x, dense_weight(weights, subs, kernel_size), bias, stride, kernel_size // 2)
+
+
+#: execution name -> ``fn(x, weights, subs, stride, bias, kernel_size) -> y``, all the same function
+EXECUTE: dict[str, Execute] = {"fused": _fused, "grouped": _grouped, "dense": _dense}
+
+
+def _parse_mode(value: str, where: str) -> str:
+    mode = value.strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"{where}: unknown conv plan mode {value!r}; expected one of {list(MODES)}")
+    return mode
+
+
+class _State:
+    mode: str = _parse_mode(os.environ.get(ENV_VAR, "benchmark"), f"environment variable {ENV_VAR}")
+    cache: dict[PlanKey, str] = {}
+    #: key -> {execution: best seconds} of every measurement made (for reports and tests)
+    timings: dict[PlanKey, dict[str, float]] = {}
+
+
+def configure(mode: str) -> None:
+    """Set the plan mode for this process (see the module docstring); ``ValueError`` on an unknown one.
+    Cached choices stay valid (they depend only on their key)."""
+    _State.mode = _parse_mode(mode, "conv plan")
+    os.environ[ENV_VAR] = _State.mode  # worker processes (DDP, data loaders) follow
+
+
+def mode() -> str:
+    """The current plan mode."""
+    return _State.mode
+
+
+def clear() -> None:
+    """Forget every cached choice and measurement."""
+    _State.cache.clear()
+    _State.timings.clear()
+
+
+def choices() -> dict[PlanKey, str]:
+    """The cached choices ``{key: execution}``."""
+    return dict(_State.cache)
+
+
+def timings() -> dict[PlanKey, dict[str, float]]:
+    """Every measurement made: ``{key: {execution: best seconds}}``."""
+    return {k: dict(v) for k, v in _State.timings.items()}
+
+
+def _needs_grad(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *weights))
+
+
+def plan_key(
+    x: Tensor, weights: Sequence[Tensor], subs: Sequence[SubKernel], stride: tuple[int, int, int], bias: Tensor | None
+) -> PlanKey:
+    """What the choice depends on: device, dtype, input shape and layout, gradients needed, input
+    channels, the ordered ``(sub-kernel, channels)`` groups, stride, bias."""
+    layout = "channels_last" if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) else "ncdhw"
+    groups = tuple((sub.name, w.shape[0]) for sub, w in zip(subs, weights))
+    return (str(x.device), x.dtype, tuple(x.shape), layout, _needs_grad(x, weights, bias), weights[0].shape[1], groups,
+            tuple(stride), bias is not None)
+
+
+def rule(subs: Sequence[SubKernel], weights: Sequence[Tensor], kernel_size: int) -> str:
+    """The deterministic choice: ``dense`` when the groups' MACs are at least :data:`DENSE_MAC_SHARE`
+    of the dense layer's (little to save, and thin convolutions run at a lower throughput), else
+    ``fused``."""
+    macs = sum(w.shape[0] * sub.volume for w, sub in zip(weights, subs))
+    dense = sum(w.shape[0] for w in weights) * kernel_size**3
+    return "dense" if macs >= DENSE_MAC_SHARE * dense else "fused"
+
+
+def _traced() -> bool:
+    """Counters, fake tensors, tracers, ``torch.compile`` and ``torch.func`` transforms."""
+    return (
+        torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.compiler.is_compiling()
+    )
+
+
+def choose(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    subs: Sequence[SubKernel],
+    stride: tuple[int, int, int],
+    bias: Tensor | None,
+    kernel_size: int,
+) -> str:
+    """The execution to run for this call (see the module docstring)."""
+    if _traced() or x.device.type == "meta":  # counters see the closed-form MACs of the groups
+        return "fused"
+    current = _State.mode
+    if current in EXECUTIONS:
+        return current
+    if current == "deterministic" or torch.are_deterministic_algorithms_enabled():
+        return rule(subs, weights, kernel_size)
+    key = plan_key(x, weights, subs, stride, bias)
+    found = _State.cache.get(key)
+    if found is None:
+        times = _measure(x, weights, subs, stride, bias, kernel_size)
+        _State.timings[key] = times
+        found = _State.cache[key] = min(times, key=times.__getitem__)
+    return found
+
+
+def _measure(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    subs: Sequence[SubKernel],
+    stride: tuple[int, int, int],
+    bias: Tensor | None,
+    kernel_size: int,
+) -> dict[str, float]:
+    """Best seconds of each execution on this input (forward, or forward + backward when gradients
+    are needed), interleaved after one warm-up each. Gradients go to fresh tensors (no ``.grad``
+    is touched); CUDA is synchronised around each run (once per key, never in later calls)."""
+    train = _needs_grad(x, weights, bias)
+    inputs = [t for t in (x, bias, *weights) if t is not None and t.requires_grad] if train else []
+    candidates = list(EXECUTIONS) if x.device.type == "cpu" else ["grouped", "dense"]  # fused == grouped off CPU
+    gy = None
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+    def run(name: str) -> float:
+        nonlocal gy
+        sync()
+        start = time.perf_counter()
+        if train:
+            y = EXECUTE[name](x, weights, subs, stride, bias, kernel_size)
+            if gy is None:
+                gy = torch.randn_like(y)
+            torch.autograd.grad(y, inputs, gy)
+        else:
+            with torch.no_grad():
+                EXECUTE[name](x, weights, subs, stride, bias, kernel_size)
+        sync()
+        return time.perf_counter() - start
+
+    best = {name: float("inf") for name in candidates}
+    for rep in range(1 + BENCHMARK_REPS):
+        for name in candidates:
+            elapsed = run(name)
+            if rep:
+                best[name] = min(best[name], elapsed)
+    return best

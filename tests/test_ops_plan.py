@@ -1,0 +1,167 @@
+"""The execution plan of ``CakesConv3d`` (``cakes.ops.plan``): every execution it can choose keeps
+the operator's contract ``op(x) == F.conv3d(x, op.to_dense(), stride, padding=k // 2)`` with the
+same gradients; benchmark mode measures once per key and keeps the fastest; deterministic mode and
+the fixed modes never measure."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cakes.ops import OP_SETS, CakesConv3d, SubKernel, plan
+from test_ops_conv_fastpath import CL, dense_reference, random_counts
+
+
+@pytest.fixture(autouse=True)
+def fresh_plan(monkeypatch):
+    """Each test starts from an empty cache in benchmark mode and restores the mode after."""
+    previous = plan.mode()
+    monkeypatch.setenv(plan.ENV_VAR, previous)
+    plan.configure("benchmark")
+    plan.clear()
+    yield
+    plan.configure(previous)
+    plan.clear()
+
+
+def check_contract(op: CakesConv3d, x: torch.Tensor, atol: float = 1e-5) -> None:
+    """Values and gradients (input, every weight, bias) of ``op`` against the dense form."""
+    x = x.detach().requires_grad_(True)
+    params = [x, *op.parameters()]
+    y = op(x)
+    ref = dense_reference(op, x)
+    torch.testing.assert_close(y, ref, atol=atol, rtol=1e-5)
+    gy = torch.randn_like(ref) * 0.1
+    for name, g, w in zip(["x", *(n for n, _ in op.named_parameters())], torch.autograd.grad(y, params, gy),
+                          torch.autograd.grad(ref, params, gy)):
+        torch.testing.assert_close(g, w, atol=atol, rtol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(op(x), ref, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("execution", plan.EXECUTIONS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "channels_last"])
+@pytest.mark.parametrize("stride", [1, (1, 2, 2)], ids=str)
+@pytest.mark.parametrize("op_set", ["c123d", "v123d"])
+def test_every_execution_keeps_the_contract(execution, op_set, stride, channels_last):
+    rng = random.Random(f"{execution}{op_set}{stride}{channels_last}")
+    torch.manual_seed(rng.randint(0, 2**31))
+    op = CakesConv3d(5, random_counts(OP_SETS[op_set].names, rng.randint(7, 13), rng), stride=stride,
+                     bias=rng.random() < 0.5)
+    x = torch.randn(2, 5, 5, 7, 6)
+    if channels_last:
+        x, op = x.contiguous(memory_format=CL), op.to(memory_format=CL)
+    plan.configure(execution)
+    check_contract(op, x)
+    assert plan.timings() == {}  # a fixed mode never measures
+
+
+@pytest.mark.parametrize("execution", plan.EXECUTIONS)
+def test_every_execution_kernel5_float64_and_gradcheck(execution):
+    plan.configure(execution)
+    torch.manual_seed(1)
+    op5 = CakesConv3d(3, {"5x5x5": 2, "5x1x1": 3, "1x5x5": 2}, kernel_size=5, bias=True)
+    check_contract(op5, torch.randn(2, 3, 4, 6, 6))
+    op = CakesConv3d(2, {"3x3x3": 1, "1x3x3": 2, "3x1x1": 1}, stride=(1, 2, 2), bias=True).double()
+    x = torch.randn(1, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: op(x), (x, *op.parameters()), eps=1e-6, atol=1e-7)
+
+
+def test_benchmark_mode_measures_once_per_key_and_keeps_the_fastest(monkeypatch):
+    measured = []
+    fake = {"fused": 3.0, "grouped": 2.0, "dense": 1.0}
+
+    def measure(x, weights, subs, stride, bias, kernel_size):
+        measured.append(plan.plan_key(x, weights, subs, stride, bias))
+        return dict(fake)
+
+    monkeypatch.setattr(plan, "_measure", measure)
+    torch.manual_seed(2)
+    op = CakesConv3d(4, {"3x3x3": 3, "1x3x3": 5})
+    x = torch.randn(1, 4, 3, 5, 5)
+    check_contract(op, x)  # train (grad) and inference (no_grad): two keys
+    check_contract(op, x)  # cached: no new measurement
+    assert len(measured) == 2 and measured[0][4] is True and measured[1][4] is False
+    assert set(plan.choices().values()) == {"dense"}
+    fake.update(fused=0.5)
+    check_contract(op, x.contiguous(memory_format=CL))  # another layout: new keys, the new fastest
+    check_contract(op, torch.randn(1, 4, 3, 6, 5))  # another shape: new keys
+    assert len(measured) == 6
+    assert sorted(plan.choices().values()) == ["dense", "dense", "fused", "fused", "fused", "fused"]
+    other = CakesConv3d(4, {"3x3x3": 5, "1x3x3": 3})  # other counts: another key
+    other(x)
+    assert len(measured) == 7
+
+
+def test_real_measurement_times_every_candidate_without_touching_grads():
+    torch.manual_seed(3)
+    op = CakesConv3d(8, {"3x3x3": 5, "1x3x3": 6, "3x1x1": 5}, bias=True).to(memory_format=CL)
+    x = torch.randn(2, 8, 4, 6, 6).contiguous(memory_format=CL).requires_grad_(True)
+    y = op(x)
+    assert all(p.grad is None for p in op.parameters()) and x.grad is None
+    (key, times), = plan.timings().items()
+    assert key[4] is True and set(times) == set(plan.EXECUTIONS) and all(0 < t < 60 for t in times.values())
+    assert plan.choices()[key] == min(times, key=times.__getitem__)
+    y.sum().backward()  # the chosen execution's graph is intact
+    assert x.grad is not None and all(p.grad is not None for p in op.parameters())
+
+
+def test_deterministic_mode_follows_the_rule_without_measuring(monkeypatch):
+    monkeypatch.setattr(plan, "_measure", lambda *a: pytest.fail("deterministic mode must not measure"))
+    mostly_3d = CakesConv3d(4, {"3x3x3": 7, "1x3x3": 1})  # MACs 7·27 + 9 of 8·27: 0.92 -> dense
+    mostly_2d = CakesConv3d(4, {"3x3x3": 1, "1x3x3": 7})  # 0.42 -> fused
+    x = torch.randn(1, 4, 3, 5, 5)
+    weights = lambda op: [op.weights[s.name] for s in op.subkernels]  # noqa: E731
+    assert plan.rule(mostly_3d.subkernels, weights(mostly_3d), 3) == "dense"
+    assert plan.rule(mostly_2d.subkernels, weights(mostly_2d), 3) == "fused"
+    plan.configure("deterministic")
+    for op in (mostly_3d, mostly_2d):
+        check_contract(op, x)
+    plan.configure("benchmark")
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_contract(mostly_3d, x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert plan.choices() == {} and plan.timings() == {}
+
+
+def test_mac_counters_and_meta_tensors_see_the_groups_in_every_mode(monkeypatch):
+    monkeypatch.setattr(plan, "_measure", lambda *a: pytest.fail("counting must not measure"))
+    counts = {"3x3x3": 3, "1x3x3": 2, "3x1x1": 4}
+    op = CakesConv3d(6, counts, stride=(1, 2, 2))
+    x = torch.randn(2, 6, 5, 9, 9)
+    closed = 2 * 5 * 5 * 5 * 6 * sum(SubKernel.parse(n).volume * c for n, c in counts.items())
+    for mode in ("dense", "benchmark"):
+        plan.configure(mode)
+        with FlopCounterMode(display=False) as counter:
+            op(x)
+        assert counter.get_total_flops() == 2 * closed
+        with torch.device("meta"):
+            assert CakesConv3d(6, counts)(torch.empty(1, 6, 2, 3, 3)).shape == (1, 9, 2, 3, 3)
+
+
+def test_configure_and_environment_variable_validate_the_mode():
+    with pytest.raises(ValueError, match=r"conv plan: unknown conv plan mode 'fast'; expected one of \['benchmark'"):
+        plan.configure("fast")
+    env = {**os.environ, plan.ENV_VAR: "bogus"}
+    code = "import cakes.ops"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "environment variable CAKES_CONV_PLAN: unknown conv plan mode 'bogus'" in done.stderr
+    env[plan.ENV_VAR] = "Dense"
+    done = subprocess.run([sys.executable, "-c", "from cakes.ops import plan; print(plan.mode())"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "dense"
+
+
+def test_train_config_sets_the_plan():
+    from cakes.config import compose_train_config
+
+    assert compose_train_config([]).conv_plan == os.environ.get(plan.ENV_VAR, "benchmark")
+    assert compose_train_config(["conv_plan=dense"]).conv_plan == "dense"
