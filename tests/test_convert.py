@@ -58,7 +58,8 @@ def authors_state(arch_path: Path, seed: int = 0, prefix: str = "module.") -> di
     state: dict[str, torch.Tensor] = {}
 
     def conv(name, o, i, k):
-        state[f"{prefix}base_model.{name}.weight"] = torch.randn(o, i, *k, generator=gen) / (i * k[0] * k[1] * k[2]) ** 0.5
+        fan_in = i * k[0] * k[1] * k[2]
+        state[f"{prefix}base_model.{name}.weight"] = torch.randn(o, i, *k, generator=gen) / fan_in**0.5
 
     def bn(name, c):
         p = f"{prefix}base_model.{name}"
@@ -210,7 +211,7 @@ def test_a_group_width_that_differs_from_the_arch_names_the_layer(tmp_path, arch
     first, second = (f"module.base_model.layer3.2.convT.convs.{i}.0.weight" for i in (0, 1))
     state[first] = torch.cat([state[first], torch.zeros_like(state[first][:1])])
     state[second] = state[second][1:]  # one channel moved between groups: same total width
-    with pytest.raises(ValueError, match=r"layer layer3.2: checkpoint groups .* the arch gives") as err:
+    with pytest.raises(ValueError, match=r"layer layer3.2: checkpoint has convs.0 .*; the arch gives convs.0") as err:
         convert(tmp_path, arch_path, state)
     assert "layer3.1" not in str(err.value)
 

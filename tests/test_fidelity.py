@@ -122,3 +122,17 @@ def test_a_given_imagenet_path_is_recorded(tmp_path, monkeypatch):
     cfg = compose_config("train", ["experiment=ssv1_c3d", "backbone.pretrained=/w/resnet50.pth"])
     assert check_initial_weights(cfg) == {"init": None, "imagenet": "/w/resnet50.pth"}
     assert Path(cfg.backbone.pretrained) == Path("/w/resnet50.pth")
+
+
+def test_init_lifts_the_imagenet_requirement_and_skips_the_imagenet_file(tmp_path, monkeypatch):
+    from cakes.weights import check_initial_weights
+
+    monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
+    ckpt = tmp_path / "given.ckpt"
+    ckpt.write_bytes(b"")
+    cfg = compose_config("train", ["experiment=ssv1_cakes", f"init={ckpt}", "backbone.pretrained=/w/resnet50.pth"])
+    assert check_initial_weights(cfg) == {"init": str(ckpt), "imagenet": None}
+    assert cfg.backbone.pretrained is None  # the checkpoint supplies every weight
+    cfg = compose_config("train", ["experiment=ssv1_cakes", f"init={tmp_path / 'missing.ckpt'}"])
+    with pytest.raises(FileNotFoundError, match="init=.*missing.ckpt: checkpoint file not found"):
+        check_initial_weights(cfg)

@@ -123,11 +123,11 @@ def check_groups(state: Mapping[str, Tensor], arch: Arch, source: str) -> None:
     for layer, counts in arch.layers.items():
         _authors_index(layer, counts)
         expected = [(s, n) for s, n in counts.items() if n]
-        got = [found.get(layer, {})[i] for i in sorted(found.get(layer, {}))]
-        if got != expected or sorted(found.get(layer, {})) != list(range(len(got))):
-            problems.append(f"layer {layer}: checkpoint groups "
-                            f"{ {f'convs.{i}': f'{s}: {n}' for i, (s, n) in sorted(found.get(layer, {}).items())} }, "
-                            f"the arch gives {dict(expected)} (as convs.0, convs.1, ... in that order)")
+        groups = found.get(layer, {})
+        if sorted(groups) != list(range(len(groups))) or [groups[i] for i in sorted(groups)] != expected:
+            have = ", ".join(f"convs.{i} {s}×{n}" for i, (s, n) in sorted(groups.items())) or "no groups"
+            want = ", ".join(f"convs.{i} {s}×{n}" for i, (s, n) in enumerate(expected))
+            problems.append(f"layer {layer}: checkpoint has {have}; the arch gives {want}")
     if problems:
         raise ValueError(f"{source}: group widths do not match the arch:\n  " + "\n  ".join(problems))
 
@@ -135,20 +135,16 @@ def check_groups(state: Mapping[str, Tensor], arch: Arch, source: str) -> None:
 def authors_to_ours(state: Mapping[str, Tensor], net: nn.Module, arch: Arch, source: str) -> dict[str, Tensor]:
     """Map an authors' state (no ``module.``) onto ``net``'s keys, strictly: group widths against
     ``arch`` (by layer), then keys and shapes against ``net``, named in the authors' terms."""
+    from cakes.weights import key_problems
+
     check_groups(state, arch, source)
     own = net.state_dict()
     theirs = ours_to_authors(own, arch)  # their key for each of our tensors, in our order
-    ours = {a: o for o, a in zip(own, theirs)}
-    missing = [a for a in theirs if a not in state]
-    unexpected = [k for k in state if k not in ours]
-    shapes = [f"{a}: checkpoint {tuple(state[a].shape)} vs network {tuple(theirs[a].shape)}"
-              for a in theirs if a in state and state[a].shape != theirs[a].shape]
-    problems = ([f"missing keys: {missing}"] if missing else []) + (
-        [f"unexpected keys: {unexpected}"] if unexpected else []) + shapes
+    problems = key_problems(theirs, state)
     if problems:
         raise ValueError(f"{source} does not fit the network of this arch (keys without 'module.'):\n  "
                          + "\n  ".join(problems))
-    return {ours[a]: state[a] for a in theirs}
+    return {ours: state[a] for ours, a in zip(own, theirs)}
 
 
 def _save(checkpoint: Mapping[str, Any], path: Path) -> None:

@@ -1,7 +1,8 @@
 """The one straight function behind ``train.py`` and ``search.py``:
 check the arch (data, never code) → seed → callbacks, loggers, trainer → batch sizes (checked) →
-record the run → data (validated before any model is built) → model → fit (resuming if asked)
-→ test the best checkpoint → close the loggers.
+record the run → data (validated before any model is built) → model (initial weights:
+:mod:`cakes.weights`) → fit (resuming if asked; skipped with ``train=false``) → test the best
+checkpoint → close the loggers.
 
 One run directory per run, whatever the launcher: Lightning's DDP launchers reuse it, and under
 ``torchrun`` / ``srun`` an explicit ``hydra.run.dir`` is required (:mod:`cakes.distributed`).

@@ -71,16 +71,20 @@ def check_initial_weights(cfg: DictConfig) -> dict[str, Any]:
     return {"init": None, "imagenet": None if pretrained is None else str(pretrained)}
 
 
+def key_problems(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches of ``given`` against ``expected``."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs network {tuple(v.shape)}" for k, v in expected.items()
+              if k in given and given[k].shape != v.shape]
+    return ([f"missing keys: {missing}"] if missing else []) + (
+        [f"unexpected keys: {unexpected}"] if unexpected else []) + shapes
+
+
 def load_strict(net: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
     """Copy ``state`` into ``net``: every key of each side must be on the other with the same shape
     (``num_batches_tracked`` included), else ``ValueError`` naming ``source`` and the keys."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: model {tuple(own[k].shape)} vs {tuple(state[k].shape)}" for k in own
-              if k in state and own[k].shape != state[k].shape]
-    problems = ([f"missing keys: {missing}"] if missing else []) + (
-        [f"unexpected keys: {unexpected}"] if unexpected else []) + shapes
+    problems = key_problems(net.state_dict(), state)
     if problems:
         raise ValueError(f"{source} does not fit the network:\n  " + "\n  ".join(problems))
     net.load_state_dict(dict(state), strict=True)
