@@ -149,3 +149,17 @@ def test_found_arch_from_a_supernet_and_plot(tmp_path):
     assert derived(torch.randn(1, 3, 2, 32, 32)).shape == (1, 5)
     png = plot_arch(arch, tmp_path / "arch.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_provenance_from_hydra_is_exported_as_plain_yaml(tmp_path):
+    """Hydra hands the callback DictConfig/ListConfig values (e.g. ``search.op_set=[3x3x3,1x3x3]``);
+    they must reach the arch yaml as plain lists, not fail the export at the end of a search."""
+    from omegaconf import OmegaConf
+
+    from cakes.callbacks.prune import CakesPruneCallback
+
+    provenance = OmegaConf.create({"op_set": ["3x3x3", "1x3x3"], "lasso": 0.0})
+    callback = CakesPruneCallback(name="listed", arch_dir=str(tmp_path), provenance=provenance)
+    net = ResNet3d(operator=CostPriority(["3x3x3", "1x3x3"]), depth=50, width=0.125, num_classes=3)
+    path = save_arch(found_arch(net, "layer_topk", callback.provenance), tmp_path / "listed.yaml")
+    assert load_arch(path).meta["op_set"] == ["3x3x3", "1x3x3"]

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from cakes.arch import Arch, save_arch
+from cakes.config import plain
 from cakes.figures import save_figure
 from cakes.ops.search import SELECTION_RULES, search_slots
 
@@ -93,7 +94,7 @@ class CakesPruneCallback(pl.Callback):
             raise ValueError(f"selection must be one of {SELECTION_RULES} or 'auto', got {selection!r}")
         self.name, self.arch_dir = name, Path(arch_dir)
         self.selection, self.every_n_epochs = selection, int(every_n_epochs)
-        self.provenance = dict(provenance or {})
+        self.provenance = dict(plain(provenance) or {})  # Hydra passes DictConfig/ListConfig values
         self.retrain, self.plot = retrain, plot
         self.export_path: Path | None = None
         self.retrain_command: str | None = None
