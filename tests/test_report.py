@@ -25,12 +25,15 @@ def test_plan_runs_each_retrain_after_its_search_seed_by_seed(tmp_path):
     for i, run in enumerate(runs):
         if run.kind == "retrain":
             assert runs[i - 1] is run.search and run.search.kind == "search" and run.search.seed == run.seed
-            assert run.script == "train.py" and run.overrides == ["experiment=demo_cakes"]
+            inherit = f"init=supernet:{(run.search.run_dir / 'checkpoints' / 'last.ckpt').resolve()}"
+            assert run.script == "train.py" and run.overrides == ["experiment=demo_cakes", inherit]
     perf = next(r for r in runs if r.model == "found performance" and r.kind == "search")
     assert perf.overrides == ["experiment=demo_search_perf"]
     cost = next(r for r in runs if r.model == "found cost s=0.01" and r.kind == "search")
     assert cost.overrides[-1] == "search.lasso=0.01"
     assert len({r.run_dir for r in runs}) == len(runs)  # every run its own directory
+    scratch = report.plan(report.compose_report_config([f"out={tmp_path}", "seeds=1", "track.retrain_init=scratch"]))
+    assert all(r.overrides == ["experiment=demo_cakes"] for r in scratch if r.kind == "retrain")
 
 
 def test_bad_report_settings_are_named():

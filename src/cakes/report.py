@@ -6,7 +6,8 @@
 
 Every model × seed is one ``train.py`` / ``search.py`` run in ``<out>/runs/<model>/seed<S>`` (its
 console output in ``<out>/logs/``); a found architecture is retrained from the yaml its own search
-wrote into its run directory. A run whose ``metrics.json`` exists is never run again — its metrics
+wrote into its run directory (starting from that search's last checkpoint when the track says
+``retrain_init: supernet``, as the demo searches' printed retrain commands do). A run whose ``metrics.json`` exists is never run again — its metrics
 are read back — and an interrupted one continues with ``resume=auto``. The report
 (``<out>/report.md``, ``report.json``, ``report.png``: the metric against GMACs per view with ±1 sd
 error bars and the Pareto front) is rewritten after every run, so it is readable while the sweep
@@ -103,8 +104,10 @@ def plan(cfg: DictConfig) -> list[Run]:
             if kind == "search":
                 run.run_dir = root / slug(label) / "search" / f"seed{seed}"
                 runs.append(run)
-                run = Run(label, "retrain", "train.py", list(track.retrain), seed, root / slug(label) / f"seed{seed}",
-                          search=run)
+                retrain = list(track.retrain)
+                if track.get("retrain_init", "scratch") == "supernet":
+                    retrain.append(f"init=supernet:{(run.run_dir / 'checkpoints' / 'last.ckpt').resolve()}")
+                run = Run(label, "retrain", "train.py", retrain, seed, root / slug(label) / f"seed{seed}", search=run)
             runs.append(run)
     return runs
 

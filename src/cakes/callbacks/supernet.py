@@ -38,12 +38,17 @@ class SupernetCallback(pl.Callback):
             ``on_before_optimizer_step`` — after AMP unscaling, before gradient clipping.
         seed: base seed of the performance-priority sampling; each DDP rank and each batch gets
             its own stream (see :func:`step_seed`).
+        full_kernel_epochs: performance-priority warm-up: in the first epochs every slot runs its
+            shared full kernel on every channel (a plain 3D network); sampling starts after them.
+            Needs ``shared_kernel`` slots whose op set holds the full kernel (checked at fit start).
     """
 
-    def __init__(self, lasso: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, lasso: float = 0.0, seed: int = 0, full_kernel_epochs: int = 0) -> None:
         if lasso < 0:
             raise ValueError(f"search.lasso must be >= 0, got {lasso}")
-        self.lasso, self.seed = float(lasso), int(seed)
+        if full_kernel_epochs < 0:
+            raise ValueError(f"search.full_kernel_epochs must be >= 0, got {full_kernel_epochs}")
+        self.lasso, self.seed, self.full_kernel_epochs = float(lasso), int(seed), int(full_kernel_epochs)
         self._samplers: list[Any] = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -55,13 +60,24 @@ class SupernetCallback(pl.Callback):
             raise ValueError(
                 f"search.lasso={self.lasso} but the model has no cost-priority slots: the lasso would do nothing"
             )
-        self._samplers = list({id(s.sampler): s.sampler for s in slots if isinstance(s, PerformancePrioritySlot)}
-                              .values())
+        performance = [s for s in slots if isinstance(s, PerformancePrioritySlot)]
+        if self.full_kernel_epochs:
+            unfit = [s for s in performance if s.full_op is None]
+            if not performance or unfit:
+                where = (f"layer {unfit[0].layer!r} (op set {unfit[0].op_set.name}, shared_kernel="
+                         f"{unfit[0].shared_kernel})" if unfit else "the model has no performance-priority slots")
+                raise ValueError(f"search.full_kernel_epochs={self.full_kernel_epochs} needs performance-priority slots "
+                                 f"with search.shared_kernel=true and an op set that holds the full kernel (3x3x3): "
+                                 f"{where}")
+        self._samplers = list({id(s.sampler): s.sampler for s in performance}.values())
+        for sampler in self._samplers:  # also right for a resumed fit's first validation
+            sampler.full_kernel = trainer.current_epoch < self.full_kernel_epochs
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         for sampler in self._samplers:
             sampler.seed(step_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))
+            sampler.full_kernel = trainer.current_epoch < self.full_kernel_epochs
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.lasso > 0:

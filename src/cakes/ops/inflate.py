@@ -40,6 +40,19 @@ def inflate_2d(weight: Tensor, subkernel: str | SubKernel) -> Tensor:
     return w.contiguous()
 
 
+def marginal(weight: Tensor, subkernel: str | SubKernel) -> Tensor:
+    """``(out, in, k, k, k) -> (out, in, *subkernel.size)``: the sum of a full kernel over every axis
+    the sub-kernel drops (1x3x3 sums over T, 3x1x1 over H and W). On an input that is constant along
+    the dropped axes it responds exactly like the full kernel. Applied to a kernel inflated to
+    ``k×k×k`` by :func:`inflate_2d`, it gives :func:`inflate_2d` of that sub-kernel: the published
+    rules are these marginals."""
+    if weight.dim() != 5 or len(set(weight.shape[2:])) != 1:
+        raise ValueError(f"marginal expects a (out, in, k, k, k) weight, got shape {tuple(weight.shape)}")
+    sub = SubKernel.parse(subkernel, weight.shape[2])
+    dropped = [2 + axis for axis, size in enumerate(sub.size) if size == 1 and weight.shape[2 + axis] > 1]
+    return weight.sum(dim=dropped, keepdim=True) if dropped else weight
+
+
 def inflate_2d_grouped(weight: Tensor, counts: Mapping[str, int]) -> dict[str, Tensor]:
     """Split a 2D ``(out, in, k, k)`` weight's rows into contiguous groups in ``counts`` order and
     inflate each group into its sub-kernel. Returns ``{sub-kernel name: (n, in, *size)}`` for the

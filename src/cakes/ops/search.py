@@ -36,7 +36,8 @@ from torch.nn import functional as F
 from cakes.ops.conv import CakesConv3d
 from cakes.ops.factory import ConvNorm, NormFactory, OperatorFactory
 from cakes.ops.functional import Stride, cakes_conv3d
-from cakes.ops.subkernel import OpSet, resolve_op_set
+from cakes.ops.inflate import marginal
+from cakes.ops.subkernel import OpSet, SubKernel, resolve_op_set
 
 SELECTION_RULES = ("layer_topk", "channel_argmax")
 SAMPLING_MODES = ("per_channel", "pair_subset", "split_uniform")
@@ -113,12 +114,27 @@ class SearchSlot(nn.Module):
     selection: str = "layer_topk"
 
     def __init__(
-        self, *, layer: str, in_channels: int, out_channels: int, op_set: OpSet, norm: NormFactory, stride: Stride
+        self,
+        *,
+        layer: str,
+        in_channels: int,
+        out_channels: int,
+        op_set: OpSet,
+        norm: NormFactory,
+        stride: Stride,
+        shared_kernel: bool = False,
     ) -> None:
         super().__init__()
         self.layer, self.op_set = layer, op_set
         self.in_channels, self.width = in_channels, out_channels
-        self.candidates = CakesConv3d(in_channels, {name: out_channels for name in op_set.names}, stride=stride)
+        #: one full kernel per channel whose marginals are the ops (:func:`~cakes.ops.inflate.marginal`)
+        #: instead of independent weights per op
+        self.shared_kernel = bool(shared_kernel)
+        if self.shared_kernel:
+            enclosing = "x".join(str(max(sub.size[axis] for sub in op_set)) for axis in range(3))
+            self.candidates = CakesConv3d(in_channels, {enclosing: out_channels}, stride=stride)
+        else:
+            self.candidates = CakesConv3d(in_channels, {name: out_channels for name in op_set.names}, stride=stride)
         self.norm = norm(len(op_set) * out_channels)
         if not hasattr(self.norm, "weight") or self.norm.weight is None:
             raise ValueError(f"layer {layer!r}: the slot's norm needs an affine weight (the path weights γ)")
@@ -126,6 +142,13 @@ class SearchSlot(nn.Module):
     @property
     def num_ops(self) -> int:
         return len(self.op_set)
+
+    def op_weight(self, sub: SubKernel) -> Tensor:
+        """Op ``sub``'s ``(C_out, C_in, *sub.size)`` kernels: its own weights, or the marginal of the
+        shared kernel."""
+        if self.shared_kernel:
+            return marginal(next(iter(self.candidates.weights.values())), sub)
+        return self.candidates.weights[sub.name]
 
     def path_weights(self) -> Tensor:
         """``|γ|`` as ``(n_ops, C_out)``."""
@@ -149,7 +172,8 @@ class SearchSlot(nn.Module):
 
     def inflate_from_2d(self, weight: Tensor, norm_state: Mapping[str, Tensor]) -> list[str]:
         """Supernet ImageNet init: every candidate from all ``C_out`` rows; the BN repeated per op."""
-        loaded = self.candidates.inflate_from_2d(weight.repeat(self.num_ops, 1, 1, 1))
+        # shared: the full kernel inflated, whose marginals are exactly each op's inflation
+        loaded = self.candidates.inflate_from_2d(weight if self.shared_kernel else weight.repeat(self.num_ops, 1, 1, 1))
         self.norm.load_state_dict({k: v.repeat(self.num_ops) for k, v in norm_state.items()})
         return [f"candidates.{n}" for n in loaded] + [f"norm.{k}" for k in norm_state]
 
@@ -192,6 +216,9 @@ class ChannelSampler:
         if mode not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}")
         self.mode = mode
+        #: set by :class:`~cakes.callbacks.SupernetCallback` during its full-kernel warm-up: every
+        #: slot then runs its full (shared) kernel on every channel, in training and in eval
+        self.full_kernel = False
         self.generator = torch.Generator()
         self.seed(seed)
 
@@ -199,10 +226,11 @@ class ChannelSampler:
         self.generator.manual_seed(int(seed))
 
     def __getstate__(self) -> dict[str, Any]:  # torch.Generator does not pickle (ddp_spawn, deepcopy)
-        return {"mode": self.mode, "state": self.generator.get_state()}
+        return {"mode": self.mode, "full_kernel": self.full_kernel, "state": self.generator.get_state()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.mode = state["mode"]
+        self.full_kernel = state.get("full_kernel", False)
         self.generator = torch.Generator()
         self.generator.set_state(state["state"])
 
@@ -239,8 +267,20 @@ class PerformancePrioritySlot(SearchSlot):
             raise ValueError(f"layer {self.layer!r}: performance-priority slots slice a BatchNorm or InstanceNorm, "
                              f"got {type(self.norm).__name__}")
 
+    @property
+    def full_op(self) -> int | None:
+        """Index of the op whose kernel is the shared full kernel (``None`` if the set lacks it)."""
+        enclosing = self.candidates.subkernels[0].name
+        return self.op_set.names.index(enclosing) if self.shared_kernel and enclosing in self.op_set.names else None
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if self.sampler.full_kernel:
+            if self.full_op is None:
+                raise ValueError(f"layer {self.layer!r}: the full-kernel warm-up needs shared_kernel=true and the full "
+                                 f"kernel in the op set, got op set {self.op_set.name} (shared_kernel={self.shared_kernel})")
+            ops = torch.full((self.width,), self.full_op, dtype=torch.long)
+            channels = torch.arange(self.width)
+        elif self.training:
             ops, channels = self.sampler.sample(self.num_ops, self.width)
         else:
             ops, channels = self.select(self.selection)
@@ -254,7 +294,7 @@ class PerformancePrioritySlot(SearchSlot):
             pos = (ops == k).nonzero().squeeze(1)
             if pos.numel() == 0:
                 continue
-            weights.append(self.candidates.weights[sub.name].index_select(0, channels[pos]))
+            weights.append(self.op_weight(sub).index_select(0, channels[pos]))
             subs.append(sub)
             positions.append(pos)
         order = torch.cat(positions)  # output position of each op-major row
@@ -296,7 +336,7 @@ class PerformancePrioritySlot(SearchSlot):
             for k, sub in enumerate(self.op_set.subkernels):
                 rows = channels[order][ops[order] == k]
                 if rows.numel():
-                    conv.weights[sub.name].copy_(self.candidates.weights[sub.name][rows])
+                    conv.weights[sub.name].copy_(self.op_weight(sub)[rows])
             for name in ("weight", "bias", "running_mean", "running_var"):
                 if getattr(self.norm, name, None) is not None:
                     getattr(bn, name).copy_(getattr(self.norm, name)[entries])
@@ -334,8 +374,10 @@ class PerformancePriority(OperatorFactory):
         sampling: str = "per_channel",
         selection: str = "auto",
         seed: int = 0,
+        shared_kernel: bool = False,
     ) -> None:
         self.op_set = resolve_op_set(op_set)
+        self.shared_kernel = bool(shared_kernel)
         self.sampler = ChannelSampler(resolve_sampling(sampling, self.op_set), seed)
         self.selection = eval_selection(self.sampler.mode, selection)  # checked before any layer is built
 
@@ -344,7 +386,7 @@ class PerformancePriority(OperatorFactory):
     ) -> nn.Module:
         return PerformancePrioritySlot(layer=layer, in_channels=in_channels, out_channels=out_channels,
                                        op_set=self.op_set, norm=norm, stride=stride, sampler=self.sampler,
-                                       selection=self.selection)
+                                       selection=self.selection, shared_kernel=self.shared_kernel)
 
 
 def search_slots(module: nn.Module) -> list[SearchSlot]:
