@@ -16,6 +16,7 @@ from cakes.ops import (
     PerformancePriority,
     inflate_2d,
 )
+from cakes.ops.inflate import marginal
 from cakes.ops.search import cost_shares
 
 
@@ -24,8 +25,8 @@ def cost_slot(op_set="c123d", width=4, in_channels=3, cost="volume") -> CostPrio
                                            norm=nn.BatchNorm3d)
 
 
-def perf_slot(op_set="c123d", width=6, in_channels=3, sampling="per_channel", selection="auto"):
-    factory = PerformancePriority(op_set, sampling=sampling, selection=selection, seed=0)
+def perf_slot(op_set="c123d", width=6, in_channels=3, sampling="per_channel", selection="auto", shared_kernel=False):
+    factory = PerformancePriority(op_set, sampling=sampling, selection=selection, seed=0, shared_kernel=shared_kernel)
     return factory(layer="l", in_channels=in_channels, out_channels=width, norm=nn.BatchNorm3d)
 
 
@@ -145,12 +146,13 @@ def test_performance_slot_training_computes_sampled_pairs_and_updates_bn(samplin
     assert int(slot.norm.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("shared_kernel", [False, True])
 @pytest.mark.parametrize("op_set, sampling, rule", [("c123d", "per_channel", "channel_argmax"),
                                                     ("c123d", "pair_subset", "layer_topk"),
                                                     ("c23d", "split_uniform", "layer_topk")])
-def test_performance_slot_eval_is_deterministic_and_equals_derived(op_set, sampling, rule):
+def test_performance_slot_eval_is_deterministic_and_equals_derived(op_set, sampling, rule, shared_kernel):
     torch.manual_seed(0)
-    slot = perf_slot(op_set=op_set, sampling=sampling, selection=rule, width=6)
+    slot = perf_slot(op_set=op_set, sampling=sampling, selection=rule, width=6, shared_kernel=shared_kernel)
     n = len(slot.op_set)
     x = torch.randn(2, 3, 4, 5, 5)
     slot.train()
@@ -233,3 +235,65 @@ def test_bad_search_settings_raise():
     slot = cost_slot()
     with pytest.raises(ValueError, match="selection rule must be one of"):
         slot.counts("best")
+
+
+@pytest.mark.parametrize("sub", ["3x3x3", "1x3x3", "3x1x1", "1x1x3", "3x3x1", "1x3x1", "3x1x3"])
+def test_marginals_of_an_inflated_kernel_are_the_published_inflations(sub):
+    w2d = torch.randn(5, 4, 3, 3)
+    torch.testing.assert_close(marginal(inflate_2d(w2d, "3x3x3"), sub), inflate_2d(w2d, sub))
+
+
+def test_shared_kernel_slot_runs_marginals_of_one_kernel():
+    """Every op of a channel is the full kernel summed over the axes it drops, so a temporally
+    constant clip gets the same 1x3x3 and 3x3x3 response, and one kernel is all that is trained."""
+    torch.manual_seed(0)
+    slot = perf_slot(op_set="c123d", width=6, shared_kernel=True)
+    assert [tuple(p.shape) for p in slot.candidates.parameters()] == [(6, 3, 3, 3, 3)]
+    full = slot.candidates.weights["3x3x3"]
+    for sub in slot.op_set.subkernels:
+        torch.testing.assert_close(slot.op_weight(sub), marginal(full, sub))
+    static = torch.randn(1, 3, 1, 6, 6).expand(1, 3, 5, 6, 6)
+    conv = torch.nn.functional.conv3d
+    torch.testing.assert_close(conv(static, slot.op_weight(slot.op_set.subkernels[1]), padding=(0, 1, 1))[:, :, 1:-1],
+                               conv(static, full, padding=1)[:, :, 1:-1], atol=1e-5, rtol=1e-5)
+    slot.op_weight(slot.op_set.subkernels[2]).sum().backward()  # gradients of every op reach the one kernel
+    assert full.grad is not None and full.grad.abs().sum() > 0
+    # ImageNet init: the shared kernel inflated, so every op holds exactly its published inflation
+    w2d = torch.randn(6, 3, 3, 3)
+    bn = {"weight": torch.rand(6), "bias": torch.randn(6), "running_mean": torch.randn(6), "running_var": torch.rand(6)}
+    slot.inflate_from_2d(w2d, bn)
+    for sub in slot.op_set.subkernels:
+        torch.testing.assert_close(slot.op_weight(sub), inflate_2d(w2d, sub))
+
+
+def test_full_kernel_warmup_runs_the_full_kernel_on_every_channel():
+    torch.manual_seed(0)
+    slot = perf_slot(op_set="c123d", width=6, shared_kernel=True)
+    x = torch.randn(2, 3, 4, 5, 5)
+    slot.sampler.full_kernel = True
+    for training in (True, False):
+        slot.train(training)
+        ref = torch.nn.functional.conv3d(x, slot.candidates.weights["3x3x3"], padding=1)
+        bn = slot.norm
+        entries = slice(0, 6)  # op 0 (3x3x3) of every channel
+        ref = torch.nn.functional.batch_norm(ref, bn.running_mean[entries].clone(), bn.running_var[entries].clone(),
+                                             bn.weight[entries], bn.bias[entries], training, 0.0, bn.eps)
+        torch.testing.assert_close(slot(x), ref, atol=1e-5, rtol=1e-5)
+    slot.sampler.full_kernel = False
+    slot.train()
+    assert not torch.equal(slot(x), slot(x))  # sampling again
+
+
+@pytest.mark.parametrize("op_set, shared, message", [
+    ("c123d", False, r"shared_kernel=true.*layer 'l' \(op set c123d, shared_kernel=False\)"),
+    ("c12d", True, r"holds the full kernel \(3x3x3\).*op set c12d"),
+])
+def test_full_kernel_warmup_needs_a_shared_full_kernel(op_set, shared, message):
+    from types import SimpleNamespace
+
+    from cakes.callbacks.supernet import SupernetCallback
+
+    module = nn.Sequential(perf_slot(op_set=op_set, shared_kernel=shared))
+    with pytest.raises(ValueError, match=message):
+        SupernetCallback(full_kernel_epochs=2).on_fit_start(SimpleNamespace(current_epoch=0), module)
+    SupernetCallback(full_kernel_epochs=0).on_fit_start(SimpleNamespace(current_epoch=0), module)  # off: fine
