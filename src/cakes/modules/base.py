@@ -10,10 +10,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from torch import nn
 
+from cakes.builders import build
 from cakes.config import plain
 from cakes.ops.search import calibrate_macs_costs
 
@@ -21,21 +20,17 @@ log = logging.getLogger(__name__)
 
 
 def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
-    """Instantiate a network config (``_target_`` tree: backbone with its operator factory).
+    """Build a network config (``_target_`` tree: backbone with its operator factory).
 
+    Only the project's own builders may be named (:data:`cakes.builders.NETWORK_BUILDERS`, checked
+    before anything is built): the config may come from a checkpoint of unknown origin.
     ``pretrained=False`` drops any ImageNet path (for counting, or when a checkpoint will
     supply the weights).
     """
     spec = dict(plain(net))
     if not pretrained and "pretrained" in spec:
         spec["pretrained"] = None
-    try:
-        return instantiate(spec, _convert_="all")
-    except InstantiationException as err:
-        # surface our own clear errors (bad arch, missing weights file) rather than Hydra's wrapper
-        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
-            raise err.__cause__ from None
-        raise
+    return build(spec, "net")
 
 
 def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:

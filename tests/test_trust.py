@@ -1,0 +1,147 @@
+"""Trust under hostile files, signals and reruns (issue 14): one test per defect the reliability
+probe found. Each reproduces the defect as the probe did and checks the behaviour now promised."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from cakes.config import compose_config
+from conftest import TINY_VIDEO
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [*TINY_VIDEO, "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+        "test=false"]
+
+
+def env_with_src(**extra: str) -> dict[str, str]:
+    """The environment of a child ``python``: this checkout's ``src`` first on the path."""
+    path = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline", **extra}
+
+
+@pytest.fixture()
+def cakes_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def tiny_config(name: str, out: Path, *overrides: str):
+    cfg = compose_config(name, [*TINY, *overrides])
+    cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def uniform_arch_for(cfg) -> dict:
+    from test_configs import uniform_arch
+
+    return uniform_arch(cfg.backbone)
+
+
+class TermAtStep(pl.Callback):
+    """SIGTERM to this process at the start of optimizer step ``step`` (as SLURM preemption would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------- 1: checkpoint loading
+def test_01_checkpoint_cannot_call_outside_the_project_builders(tmp_path: Path, monkeypatch):
+    from cakes.modules import VideoClassificationModule
+
+    cfg = compose_config("train", [*TINY])
+    model = instantiate(cfg.model)
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": pl.__version__}
+    monkeypatch.chdir(tmp_path)
+    evil = {"net": {"_target_": "os.makedirs", "_args_": [str(tmp_path / "pwned")]},
+            "net.operator": {**ckpt["hyper_parameters"]["net"],
+                             "operator": {"_target_": "builtins.exec", "_args_": ["open('pwned2', 'w')"]}}}
+    for where, net in evil.items():
+        path = tmp_path / f"{where}.ckpt"
+        torch.save({**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], "net": net}}, path)
+        target = net["_target_"] if where == "net" else net["operator"]["_target_"]
+        with pytest.raises(ValueError, match=rf"{where}\._target_.*{target}.*not one of the project's"):
+            VideoClassificationModule.load_from_checkpoint(path, weights_only=True)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+    # the project's own checkpoints still load
+    torch.save(ckpt, tmp_path / "good.ckpt")
+    VideoClassificationModule.load_from_checkpoint(tmp_path / "good.ckpt", weights_only=True)
+
+
+# --------------------------------------------------------------------------- 2: export name, command, overwrite
+# --------------------------------------------------------------------------- 3 + 5: SIGTERM and resume
+@pytest.fixture(scope="module")
+def stopped_then_resumed(tmp_path_factory) -> dict:
+    """A run SIGTERMed at the start of step 3 (epoch 1, batch 1 of 2 per epoch), then resumed."""
+    from cakes.run import run
+
+    root = tmp_path_factory.mktemp("sigterm")
+    old = os.environ.get("CAKES_ROOT")
+    os.environ["CAKES_ROOT"] = str(root)
+    try:
+        overrides = ["trainer.max_epochs=2", "trainer.log_every_n_steps=1", "trainer.deterministic=true"]
+        cfg = tiny_config("train", root / "run", *overrides)
+        cfg.callbacks.term = {"_target_": f"{__name__}.TermAtStep", "step": 3}
+        with pytest.raises(SystemExit) as stop:
+            run(cfg)
+        last = torch.load(root / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+        run(tiny_config("train", root / "run", *overrides, "resume=auto"))
+    finally:
+        if old is None:
+            os.environ.pop("CAKES_ROOT", None)
+        else:
+            os.environ["CAKES_ROOT"] = old
+    return {"code": stop.value.code, "last": last, "run": root / "run"}
+
+
+# --------------------------------------------------------------------------- 4: truncated / bad volumes
+@pytest.fixture()
+def msd(tmp_path: Path):
+    from cakes.data.synthetic_volume import generate_synthetic_msd
+
+    root = tmp_path / "msd"
+    generate_synthetic_msd(root, num_cases=5, shape=(24, 24, 8))
+    return root
+
+
+def msd_module(root: Path):
+    from cakes.datamodules.msd import MSDDataModule
+
+    return MSDDataModule(root, num_classes=3, regions={"pancreas": [1, 2]}, patch_size=(16, 16, 8),
+                         spacing=(2.0, 2.0, 2.0), batch_size=2, crops_per_volume=2, num_workers=0,
+                         rotate_planes=[[0, 1]])
+
+
+# --------------------------------------------------------------------------- 6: binary arch file
+# --------------------------------------------------------------------------- 7: file modes
+# --------------------------------------------------------------------------- 8: arch files are data
+# --------------------------------------------------------------------------- 9: reruns
+# --------------------------------------------------------------------------- 10: profile and check_data
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- 11: smaller messages
+# --------------------------------------------------------------------------- 12: ImageNet keys
