@@ -131,6 +131,31 @@ def msd_module(root: Path):
 
 # --------------------------------------------------------------------------- 6: binary arch file
 # --------------------------------------------------------------------------- 7: file modes
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_07_written_files_get_the_umask_mode(tmp_path: Path, umask: int, mode: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cakes.arch import load_arch, save_arch
+    from cakes.figures import save_figure
+    from cakes.files import write_atomic
+    from cakes.run import write_atomic as run_write_atomic
+
+    old = os.umask(umask)
+    try:
+        paths = [save_arch(load_arch(ROOT / "archs" / "ssv1_cakes12d_c.yaml"), tmp_path / "a.yaml"),
+                 save_figure(plt.figure(), tmp_path / "f.png")]
+        write_atomic(tmp_path / "x.txt", "x\n")
+        run_write_atomic(tmp_path / "y.json", b"{}")
+        paths += [tmp_path / "x.txt", tmp_path / "y.json"]
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in paths} == {p.name: oct(mode) for p in paths}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
 # --------------------------------------------------------------------------- 8: arch files are data
 # --------------------------------------------------------------------------- 9: reruns
 # --------------------------------------------------------------------------- 10: profile and check_data

@@ -148,7 +148,7 @@ def authors_to_ours(state: Mapping[str, Tensor], net: nn.Module, arch: Arch, sou
 
 
 def _save(checkpoint: Mapping[str, Any], path: Path) -> None:
-    from cakes.run import write_atomic
+    from cakes.files import write_atomic
 
     buffer = io.BytesIO()
     torch.save(dict(checkpoint), buffer)

@@ -50,10 +50,9 @@ class Case:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from cakes.files import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: Path, what: str) -> Any:

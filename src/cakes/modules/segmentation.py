@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -204,11 +203,11 @@ class VolumeSegmentationModule(CakesModule):
         """``<run dir>/predictions/<case>.nii.gz`` (uint8 labels, the reference's affine), atomically."""
         import nibabel as nib
 
+        from cakes.files import atomic_output
+
         folder = Path(self.trainer.default_root_dir) / "predictions"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{case}.{os.getpid()}.tmp.nii.gz"
-        nib.save(nib.Nifti1Image(pred.cpu().numpy().astype("uint8"), affine.cpu().double().numpy()), str(tmp))
-        os.replace(tmp, folder / f"{case}.nii.gz")
+        with atomic_output(folder / f"{case}.nii.gz", suffix=".nii.gz") as tmp:  # nibabel compresses by the name
+            nib.save(nib.Nifti1Image(pred.cpu().numpy().astype("uint8"), affine.cpu().double().numpy()), str(tmp))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
