@@ -86,6 +86,38 @@ def test_01_checkpoint_cannot_call_outside_the_project_builders(tmp_path: Path, 
 
 
 # --------------------------------------------------------------------------- 2: export name, command, overwrite
+def test_02_export_is_named_by_seed_absolute_and_never_overwrites(cakes_root: Path, monkeypatch):
+    from cakes.arch import find_arch, load_arch, save_arch
+
+    cfg = compose_config("search", [*TINY, "seed=7", f"paths.arch_dir={cakes_root / 'elsewhere'}"])
+    assert cfg.callbacks.prune.name.endswith("_seed7")
+    callback = instantiate(cfg.callbacks.prune)
+    model = instantiate(cfg.model)
+    run_dir = cakes_root / "run"
+    trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(run_dir), checkpoint_callback=None,
+                              current_epoch=0, global_step=1, loggers=[])
+    # a different arch of the same name in ./found/arch (the cwd), where a bare name would resolve
+    monkeypatch.chdir(cakes_root)
+    decoy = cakes_root / "found" / "arch" / f"{cfg.callbacks.prune.name}.yaml"
+    decoy.parent.mkdir(parents=True)
+    decoy.write_text((ROOT / "archs" / "ssv1_cakes12d_c.yaml").read_text())
+    path = callback.export(trainer, model)
+    assert path.is_absolute() and path.parent == cakes_root / "elsewhere" / "arch"
+    arch_arg = callback.retrain_command.split("arch=")[-1]
+    assert Path(arch_arg) == path and find_arch(arch_arg, cfg.paths.arch_dir) == path
+    # exclusive creation: an existing, different file is never replaced
+    other = load_arch(ROOT / "archs" / "ssv1_cakes12d_c.yaml")
+    before = path.read_text()
+    with pytest.raises(FileExistsError, match=str(path)):
+        save_arch(other, path, exclusive=True)
+    assert path.read_text() == before
+    # two runs that chose the same name: the second gets the next free one
+    second = instantiate(cfg.callbacks.prune)
+    trainer.default_root_dir = str(cakes_root / "run2")
+    assert second.export(trainer, model) == path.with_name(f"{path.stem}_1.yaml")
+    assert path.read_text() == before
+
+
 # --------------------------------------------------------------------------- 3 + 5: SIGTERM and resume
 @pytest.fixture(scope="module")
 def stopped_then_resumed(tmp_path_factory) -> dict:

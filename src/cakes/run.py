@@ -195,5 +195,5 @@ def retrain_command(callback: Any, output_dir: Path) -> str | None:
     if not copies:
         return None
     callback.export_path = Path(callback.arch_dir) / "arch" / copies[-1].name
-    callback.retrain_command = f"{callback.retrain} arch={copies[-1].stem}"
+    callback.retrain_command = callback.command_for(callback.export_path)
     return callback.retrain_command
