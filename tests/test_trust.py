@@ -121,7 +121,7 @@ def test_02_export_is_named_by_seed_absolute_and_never_overwrites(cakes_root: Pa
 # --------------------------------------------------------------------------- 3 + 5: SIGTERM and resume
 @pytest.fixture(scope="module")
 def stopped_then_resumed(tmp_path_factory) -> dict:
-    """A run SIGTERMed at the start of step 3 (epoch 1, batch 1 of 2 per epoch), then resumed."""
+    """A run SIGTERMed at the start of step 2 (epoch 1, batch 0 of 2 per epoch), then resumed."""
     from cakes.run import run
 
     root = tmp_path_factory.mktemp("sigterm")
@@ -130,7 +130,7 @@ def stopped_then_resumed(tmp_path_factory) -> dict:
     try:
         overrides = ["trainer.max_epochs=2", "trainer.log_every_n_steps=1", "trainer.deterministic=true"]
         cfg = tiny_config("train", root / "run", *overrides)
-        cfg.callbacks.term = {"_target_": f"{__name__}.TermAtStep", "step": 3}
+        cfg.callbacks.term = {"_target_": f"{__name__}.TermAtStep", "step": 2}
         with pytest.raises(SystemExit) as stop:
             run(cfg)
         last = torch.load(root / "run" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -141,6 +141,22 @@ def stopped_then_resumed(tmp_path_factory) -> dict:
         else:
             os.environ["CAKES_ROOT"] = old
     return {"code": stop.value.code, "last": last, "run": root / "run"}
+
+
+def test_03_sigterm_exits_143_after_the_checkpoint(stopped_then_resumed):
+    assert stopped_then_resumed["code"] == 143
+    assert stopped_then_resumed["last"]["global_step"] == 3  # the step in flight was finished and saved
+
+
+def test_05_resumed_partial_epoch_is_marked_in_the_log(stopped_then_resumed):
+    rows = list(csv.DictReader((stopped_then_resumed["run"] / "csv" / "metrics.csv").open()))
+    epoch_rows = [r for r in rows if r.get("train/loss_epoch")]
+    marks = {int(r["epoch"]): r.get("resumed_partial_epoch") for r in epoch_rows}
+    assert marks.get(1) == "1.0", marks  # epoch 1 was interrupted after 1 of its 2 batches
+    assert not marks.get(0)
+    import json
+
+    assert "resumed_partial_epoch" not in json.loads((stopped_then_resumed["run"] / "metrics.json").read_text())
 
 
 # --------------------------------------------------------------------------- 4: truncated / bad volumes

@@ -24,15 +24,22 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cakes.files import write_atomic  # noqa: F401 - also imported from here by other modules
 from cakes.distributed import check_shared_run_dir, ddp_strategy, resolve_batch_size, trainer_parallelism
 from cakes.loggers import LogConfigCallback, finish_loggers
 from cakes.ops import plan as conv_plan
+from cakes.resume import PARTIAL_EPOCH_KEY
 from cakes.resume import resolve_resume as _resolve_resume
 from cakes.weights import apply_init, check_initial_weights
 
 log = logging.getLogger(__name__)
+
+#: exit status of ``train.py`` / ``search.py`` stopped by SIGTERM (preemption, a time limit, ``kill``)
+#: after it saved ``last.ckpt``: 128 + 15, as a shell reports a process that SIGTERM ended. Continue
+#: it with ``resume=auto`` in the same run directory. (0: finished; 1: failed.)
+EXIT_PREEMPTED = 143
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -167,13 +174,20 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[st
     model: pl.LightningModule = instantiate(cfg.model)
     if cfg.get("init"):
         apply_init(model.net, cfg.init)
-    if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    try:
+        if cfg.get("train", True):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = final_metrics(trainer)
+        if cfg.get("test"):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            metrics.update(final_metrics(trainer))
+    except SIGTERMException:
+        # ResumeStateCallback has written last.ckpt: say "stopped, resumable" to the shell or scheduler
+        # (exit 0 would let `search.py && train.py` carry on without metrics or export)
+        log.warning("stopped by SIGTERM: exit status %d; continue with resume=auto in %s (resume_command.txt)",
+                    EXIT_PREEMPTED, output_dir)
+        raise SystemExit(EXIT_PREEMPTED) from None
     if trainer.is_global_zero:
         write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         for callback in callbacks:
@@ -182,6 +196,11 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[st
                 write_atomic(output_dir / "retrain_command.txt", command + "\n")
                 print(f"\nFound architecture: {callback.export_path}\nRetrain it with:\n  {command}\n", flush=True)
     return metrics
+
+
+def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The trainer's logged metrics as plain floats (without the log-only resume marker)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k != PARTIAL_EPOCH_KEY}
 
 
 def retrain_command(callback: Any, output_dir: Path) -> str | None:
