@@ -178,6 +178,15 @@ def msd_module(root: Path):
 
 
 # --------------------------------------------------------------------------- 6: binary arch file
+def test_06_binary_arch_file_names_path_and_format(tmp_path: Path):
+    from cakes.arch import ArchError, load_arch
+
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01" * 8)
+    with pytest.raises(ArchError, match=rf"{path}.*UTF-8 YAML"):
+        load_arch(path)
+
+
 # --------------------------------------------------------------------------- 7: file modes
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
 def test_07_written_files_get_the_umask_mode(tmp_path: Path, umask: int, mode: int):
