@@ -214,6 +214,27 @@ def test_07_written_files_get_the_umask_mode(tmp_path: Path, umask: int, mode: i
 
 
 # --------------------------------------------------------------------------- 8: arch files are data
+def test_08_interpolation_in_an_arch_file_stays_literal(cakes_root: Path):
+    from cakes.modules import VideoClassificationModule
+    from cakes.run import run
+
+    cfg = compose_config("train", [*TINY, "experiment=demo_cakes", "arch=ssv1_cakes12d_c"])
+    arch = uniform_arch_for(cfg)
+    arch["meta"] = {"note": "${oc.env:HOME}", "escaped": "\\${x}", "plain": "a $ b"}
+    (cakes_root / "found" / "arch").mkdir(parents=True)
+    (cakes_root / "found" / "arch" / "interp.yaml").write_text(yaml.safe_dump(arch))
+    cfg = tiny_config("train", cakes_root / "run", "experiment=demo_cakes", "arch=interp")
+    assert OmegaConf.to_container(cfg, resolve=True)["operator"]["arch"]["meta"] == arch["meta"]
+    run(cfg)
+    saved = yaml.safe_load((cakes_root / "run" / "config_resolved.yaml").read_text())
+    assert saved["operator"]["arch"]["meta"] == arch["meta"]
+    ckpt = cakes_root / "run" / "checkpoints" / "last.ckpt"
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert stored["net"]["operator"]["arch"]["meta"] == arch["meta"]
+    model = VideoClassificationModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert model.hparams.net["operator"]["arch"]["meta"] == arch["meta"]
+
+
 # --------------------------------------------------------------------------- 9: reruns
 # --------------------------------------------------------------------------- 10: profile and check_data
 def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,19 @@ def operator_mode(target: str) -> str:
     return getattr(get_class(target), "search_mode", None) or "fixed"
 
 
+def escape_interpolations(value: Any) -> Any:
+    """Plain data whose strings OmegaConf keeps literal: every ``${`` escaped (``\\${``, and the
+    backslashes before it doubled), so ``${oc.env:HOME}`` in an arch file stays that text — arch
+    files are data, nothing in them is interpolated."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape_interpolations(v) for v in value]
+    return value
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers used by the configs (idempotent)."""
     if not OmegaConf.has_resolver("operator_mode"):
@@ -30,8 +44,10 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("arch_data"):
         from cakes.arch import arch_data
 
-        # a DictConfig (not a dict) so that OmegaConf.resolve() can store it in place
-        OmegaConf.register_new_resolver("arch_data", lambda name, arch_dir: OmegaConf.create(arch_data(name, arch_dir)))
+        # a DictConfig (not a dict) so that OmegaConf.resolve() can store it in place; its strings escaped,
+        # or OmegaConf would resolve a ${...} written in the arch file
+        OmegaConf.register_new_resolver(
+            "arch_data", lambda name, arch_dir: OmegaConf.create(escape_interpolations(arch_data(name, arch_dir))))
 
 
 def conf_dir() -> Path:

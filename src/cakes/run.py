@@ -29,6 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from cakes.files import write_atomic  # noqa: F401 - also imported from here by other modules
 from cakes.distributed import check_shared_run_dir, ddp_strategy, resolve_batch_size, trainer_parallelism
 from cakes.loggers import LogConfigCallback, finish_loggers
+from cakes.modules.base import build_model
 from cakes.ops import plan as conv_plan
 from cakes.resume import PARTIAL_EPOCH_KEY
 from cakes.resume import resolve_resume as _resolve_resume
@@ -171,7 +172,7 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[st
     if hasattr(datamodule, "validate"):
         datamodule.validate()  # bad roots, lists, labels: fail here, before any model is built
 
-    model: pl.LightningModule = instantiate(cfg.model)
+    model = build_model(cfg.model)  # plain data, resolved once (arch files are data)
     if cfg.get("init"):
         apply_init(model.net, cfg.init)
     try:

@@ -33,6 +33,24 @@ def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
     return build(spec, "net")
 
 
+def build_model(model: Any) -> pl.LightningModule:
+    """The LightningModule of a config's ``model`` node (``_target_`` and its arguments).
+
+    The node is resolved exactly once, into plain data, before the module sees it. Hydra's
+    ``instantiate`` would resolve it in place and the module would resolve it again: a ``${...}``
+    written in an arch file (escaped by the ``arch_data`` resolver, arch files are data) would then
+    be interpolated after all, into the config the checkpoint stores.
+    """
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(model, resolve=True) if OmegaConf.is_config(model) else dict(model)
+    target = spec.pop("_target_")
+    for key in ("_recursive_", "_convert_"):
+        spec.pop(key, None)
+    return get_class(target)(**spec)
+
+
 def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: 5-D inputs in NDHWC memory (same values, different strides)."""
     return tuple(a.contiguous(memory_format=torch.channels_last_3d) if torch.is_tensor(a) and a.dim() == 5 else a
