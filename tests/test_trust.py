@@ -248,3 +248,24 @@ def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
 
 # --------------------------------------------------------------------------- 11: smaller messages
 # --------------------------------------------------------------------------- 12: ImageNet keys
+def test_12_missing_slot_weights_are_named_by_full_key():
+    from cakes.backbones import ResNet3d
+    from cakes.ops import Homogeneous
+    from test_resnet3d import torchvision_state
+
+    def load(state):
+        net = ResNet3d(operator=Homogeneous("c2d"), width=0.25, num_classes=10)
+        return net.load_imagenet(state)
+
+    full = torchvision_state(50, 0.25)
+    load(full)  # complete: fine
+    no_conv = {k: v for k, v in full.items() if k != "layer2.0.conv2.weight"}
+    with pytest.raises(ValueError, match=r"layer2\.0\.conv2\.weight"):
+        load(no_conv)
+    no_slot = {k: v for k, v in no_conv.items() if not k.startswith("layer2.0.bn2.")}
+    with pytest.raises(ValueError, match=r"layer2\.0\.conv2\.weight") as err:
+        load(no_slot)
+    assert "layer2.0.bn2.weight" in str(err.value)
+    no_var = {k: v for k, v in full.items() if k != "layer2.0.bn2.running_var"}
+    with pytest.raises(ValueError, match=r"layer2\.0\.bn2\.running_var"):
+        load(no_var)
