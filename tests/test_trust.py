@@ -247,6 +247,36 @@ def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 # --------------------------------------------------------------------------- 11: smaller messages
+def test_11_messages_name_the_field_file_and_minimum(cakes_root: Path):
+    from cakes.arch import ArchError
+    from cakes.distributed import BatchSizeError, resolve_batch_size
+    from cakes.run import run
+
+    with pytest.raises(BatchSizeError, match=r"global_batch_size.*integer.*'abc'"):
+        resolve_batch_size(4, "abc", devices=1)
+    cfg = compose_config("train", [*TINY, "++global_batch_size=abc"])
+    cfg.paths.output_dir = str(cakes_root / "gbs")
+    with pytest.raises(BatchSizeError, match=r"global_batch_size.*integer"):
+        run(cfg)
+    # an arch whose widths do not fit: the message names the file
+    cfg = compose_config("train", [*TINY, "experiment=demo_cakes", "arch=ssv1_cakes12d_c"])
+    arch = uniform_arch_for(cfg)
+    arch["layers"]["layer1.0"] = {"1x3x3": 1, "3x1x1": 1, "3x3x3": 1}
+    path = cakes_root / "found" / "arch" / "narrow.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(arch))
+    cfg = tiny_config("train", cakes_root / "narrow", "experiment=demo_cakes", "arch=narrow")
+    with pytest.raises(ArchError, match=rf"^{path}: layer 'layer1.0'"):
+        run(cfg)
+    assert not (cakes_root / "narrow").exists()
+    # a patch too small for C2FNAS: named before the network runs
+    cfg = compose_config("train", ["experiment=demo_msd_c3d", "data.patch_size=[16,16,16]"])
+    from cakes.modules.base import build_model
+
+    with pytest.raises(ValueError, match=r"data\.patch_size.*\[16, 16, 16\].*at least 32"):
+        build_model(cfg.model)  # as train.py builds it
+
+
 # --------------------------------------------------------------------------- 12: ImageNet keys
 def test_12_missing_slot_weights_are_named_by_full_key():
     from cakes.backbones import ResNet3d

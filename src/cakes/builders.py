@@ -76,6 +76,11 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def builder(target: str) -> Any | None:
+    """The class or function an allowed ``_target_`` names (``None`` for any other target)."""
+    return _resolve(target) if target in NETWORK_BUILDERS else None
+
+
 def _build(node: Any) -> Any:
     if isinstance(node, Mapping):
         if "_target_" not in node:

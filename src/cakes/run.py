@@ -10,6 +10,7 @@ Everything written to it comes from global rank zero."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import platform
@@ -120,8 +121,20 @@ def check_arch(cfg: DictConfig) -> None:
     from cakes.arch import find_arch, load_arch
 
     name = cfg.get("arch")
-    if name not in (None, "", "???"):
-        load_arch(find_arch(str(name), cfg.paths.arch_dir))
+    if name in (None, "", "???"):
+        return
+    path = find_arch(str(name), cfg.paths.arch_dir)
+    arch = load_arch(path)
+    # a found architecture for this backbone: check its layers and widths now, naming the file
+    operator, backbone = cfg.get("operator") or {}, cfg.get("backbone") or {}
+    if operator.get("_target_") in ("cakes.ops.Derived", "cakes.ops.factory.Derived"):
+        from cakes.builders import builder
+
+        cls = builder(str(backbone.get("_target_")))
+        if cls is not None and hasattr(cls, "slots"):
+            params = inspect.signature(cls.slots).parameters
+            arch.check_backbone(cls.name, cls.slots(**{k: backbone[k] for k in params if k in backbone}),
+                                source=str(path))
 
 
 def system_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
@@ -158,7 +171,7 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[st
                                       logger=loggers or False)
 
     # explicit batch sizes: per device (data.batch_size) and global (checked before anything runs)
-    batch = resolve_batch_size(int(cfg.data.batch_size), cfg.get("global_batch_size"), **trainer_parallelism(trainer))
+    batch = resolve_batch_size(cfg.data.batch_size, cfg.get("global_batch_size"), **trainer_parallelism(trainer))
     if batch["per_device"] != cfg.data.batch_size:
         log.info("global_batch_size %d = %d per device x %d device(s) x %d node(s) x %d accumulation: "
                  "data.batch_size %d -> %d", batch["global"], batch["per_device"], batch["devices"],

@@ -95,6 +95,9 @@ class CakesModule(pl.LightningModule):
             several times faster so on CPU (oneDNN) and with cuDNN under AMP. Values are unchanged.
     """
 
+    #: where the input size of the network is configured (named in errors)
+    input_source = "model.input_shape"
+
     def __init__(
         self,
         net: Mapping[str, Any],
@@ -110,6 +113,8 @@ class CakesModule(pl.LightningModule):
              "base_batch_size": base_batch_size, "input_shape": plain(input_shape), "channels_last": channels_last}
         )
         self.net = build_network(self.hparams.net)
+        if input_shape and hasattr(self.net, "check_input_size"):  # before anything runs the network
+            self.net.check_input_size(list(input_shape)[1:], source=self.input_source)
         if channels_last:
             self.net.to(memory_format=torch.channels_last_3d)
             self.net.register_forward_pre_hook(_channels_last_input)

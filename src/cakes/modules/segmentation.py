@@ -104,6 +104,9 @@ class VolumeSegmentationModule(CakesModule):
     estimated total when only ``max_epochs`` is set).
     """
 
+    #: the training patch is the network's input (``model.input_shape`` is built from it)
+    input_source = "data.patch_size"
+
     def __init__(
         self,
         net: Mapping[str, Any],
