@@ -177,6 +177,35 @@ def msd_module(root: Path):
                          rotate_planes=[[0, 1]])
 
 
+def test_04_truncated_or_bad_volumes_are_named(msd: Path):
+    import nibabel as nib
+    import numpy as np
+
+    image = msd / "imagesTr" / "pancreas_001.nii.gz"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])  # truncated: the header still reads
+    with pytest.raises(ValueError, match=rf"case 'pancreas_001'.*{image}"):
+        msd_module(msd).validate()  # the pre-flight check, before any model is built
+    # at training time (no pre-flight): the error names the case and the file
+    dm = msd_module(msd)
+    dm.split = {"train": ["pancreas_001", "pancreas_002"], "val": ["pancreas_003"], "source": "test"}
+    dm.setup("fit")
+    from cakes.datamodules.volume import SeededSamples
+
+    with pytest.raises(Exception, match=rf"case 'pancreas_001'.*{image}") as err:
+        SeededSamples(dm.train_set)[(0, 1)]
+    assert "applying transform" not in str(err.value).splitlines()[0]
+    # a label value outside the label set, found while loading
+    label = msd / "labelsTr" / "pancreas_002.nii.gz"
+    loaded = nib.load(label)
+    values = np.asanyarray(loaded.dataobj).copy()
+    values[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(values, loaded.affine), label)
+    with pytest.raises(Exception, match=rf"case 'pancreas_002'.*{label}") as err:
+        SeededSamples(dm.train_set)[(1, 1)]
+    assert "values [7" in str(err.value) and "applying transform" not in str(err.value).splitlines()[0]
+
+
 # --------------------------------------------------------------------------- 6: binary arch file
 def test_06_binary_arch_file_names_path_and_format(tmp_path: Path):
     from cakes.arch import ArchError, load_arch
