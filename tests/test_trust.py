@@ -265,6 +265,21 @@ def test_08_interpolation_in_an_arch_file_stays_literal(cakes_root: Path):
 
 
 # --------------------------------------------------------------------------- 9: reruns
+def test_09_rerun_in_an_existing_run_dir_is_refused(cakes_root: Path):
+    from cakes.run import RunDirError, run
+
+    out = cakes_root / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    records = {name: f"first run's {name}\n" for name in ("config_resolved.yaml", "run_info.json",
+                                                          "checkpoints/last.ckpt")}
+    for name, text in records.items():
+        (out / name).write_text(text)
+    with pytest.raises(RunDirError, match=r"resume=auto.*hydra\.run\.dir") as err:
+        run(tiny_config("train", out))
+    assert str(out) in str(err.value)
+    assert {name: (out / name).read_text() for name in records} == records
+
+
 # --------------------------------------------------------------------------- 10: profile and check_data
 def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode != 0, result.stdout[-2000:]

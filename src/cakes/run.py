@@ -86,6 +86,31 @@ def record_run(cfg: DictConfig, output_dir: Path, extra: dict[str, Any] | None =
         log.info("if interrupted, continue with: %s", command)
 
 
+class RunDirError(RuntimeError):
+    """The run directory already holds another run's records, and the run was not asked to resume."""
+
+
+#: what a run directory holds once a run has started in it (never overwritten by another run)
+RUN_RECORDS = ("config_resolved.yaml", "run_info.json", "metrics.json")
+
+
+def check_fresh_run_dir(cfg: DictConfig, output_dir: Path) -> None:
+    """Refuse to start a fresh run (``resume`` null) in a directory where a run already wrote its
+    records or checkpoints: its ``config_resolved.yaml``, ``run_info.json`` and ``last.ckpt`` would
+    be overwritten. Checked by global rank zero only (Lightning's DDP launcher re-runs the script in
+    the same directory for the other ranks, after rank zero has written its records)."""
+    if cfg.get("resume") not in (None, "", "null") or rank_zero_only.rank != 0:
+        return
+    found = [name for name in RUN_RECORDS if (output_dir / name).is_file()]
+    found += sorted(str(p.relative_to(output_dir)) for p in output_dir.glob("checkpoints/*.ckpt"))
+    if found:
+        raise RunDirError(
+            f"{output_dir} already holds a run ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); nothing "
+            "was overwritten. To continue that run, add resume=auto with the same overrides and the same "
+            "hydra.run.dir (its resume_command.txt has the command); to start a fresh run, leave hydra.run.dir out "
+            "(a new time-stamped directory) or give a new hydra.run.dir")
+
+
 def resume_command(output_dir: Path) -> str | None:
     """The command that continues this run after an interruption: the same overrides, this run
     directory, ``resume=auto`` (``None`` outside a Hydra entry point)."""
@@ -150,6 +175,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     conv_plan.configure(str(cfg.get("conv_plan") or "benchmark"))
     check_shared_run_dir()
     output_dir = Path(cfg.paths.output_dir)
+    check_fresh_run_dir(cfg, output_dir)  # before anything is written
     pl.seed_everything(cfg.seed, workers=True)
 
     strategy = ddp_strategy(cfg)
