@@ -290,6 +290,30 @@ def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+def test_10_profile_and_check_data_fail_cleanly_and_use_the_working_copy(tmp_path: Path):
+    env = env_with_src(CAKES_ROOT=str(tmp_path))
+    env.pop("CAKES_CONF_DIR", None)
+
+    def cmd(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    for module in ("cakes.profile", "cakes.check_data"):
+        helped = cmd(module, "--help")
+        assert helped.returncode == 0 and "usage" in helped.stdout.lower() and not helped.stderr.strip()
+        one_line_error(cmd(module, "experiment=demo_cakes", "arch=no_such_arch"), "no_such_arch")
+        one_line_error(cmd(module, "experiment=demo_c3d", "trainer.max_epochz=1"), "trainer.max_epochz")
+    # a working copy of the project (its own conf/ and train.py): its configs, not the package's
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    subprocess.run(["cp", "-r", str(ROOT / "conf"), str(ROOT / "archs"), str(ROOT / "train.py"), str(copy)],
+                   check=True)
+    (copy / "conf" / "experiment" / "only_in_copy.yaml").write_text(
+        (ROOT / "conf" / "experiment" / "demo_c3d.yaml").read_text())
+    result = cmd("cakes.profile", "experiment=only_in_copy", cwd=copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- 11: smaller messages
 def test_11_messages_name_the_field_file_and_minimum(cakes_root: Path):
     from cakes.arch import ArchError

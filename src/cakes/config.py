@@ -51,9 +51,17 @@ def register_resolvers() -> None:
 
 
 def conf_dir() -> Path:
-    """The project's ``conf/`` (``$CAKES_CONF_DIR`` overrides; default: next to ``src/``)."""
+    """The project's ``conf/``, found as ``train.py`` finds it: ``$CAKES_CONF_DIR`` if set; else, when
+    the current directory is a working copy (``train.py`` next to ``conf/train.yaml``), its
+    ``conf/`` — the one ``python train.py`` run there composes; else the tree next to ``src/``."""
     env = os.environ.get("CAKES_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    cwd = Path.cwd()
+    if env:
+        path = Path(env)
+    elif (cwd / "train.py").is_file() and (cwd / "conf" / "train.yaml").is_file():
+        path = cwd / "conf"
+    else:
+        path = Path(__file__).resolve().parents[2] / "conf"
     if not (path / "train.yaml").is_file():
         raise FileNotFoundError(f"cannot find the cakes configs (train.yaml) in {path}; set CAKES_CONF_DIR")
     return path
@@ -73,6 +81,17 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfi
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = "<no run directory>"
     return cfg
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line for a command-line tool: the message of the innermost cause that
+    carries one (Hydra and OmegaConf wrap ours), whitespace collapsed."""
+    inner = err
+    while (type(inner).__name__ in ("InterpolationResolutionError", "InstantiationException")
+           and inner.__cause__ is not None and str(inner.__cause__).strip()):
+        inner = inner.__cause__
+    text = " ".join(str(inner).split()) or type(inner).__name__
+    return text if isinstance(inner, (ValueError, OSError)) else f"{type(inner).__name__}: {text}"
 
 
 def compose_train_config(overrides: Sequence[str] = ()) -> DictConfig:
