@@ -174,7 +174,7 @@ def stop_then_resume(config, tmp_path: Path, step: int) -> dict:
 @pytest.mark.slow
 def test_sigterm_saves_last_and_resume_matches(tmp_path, monkeypatch):
     """SIGTERM (preemption): the step in flight finishes, last.ckpt is written, the process exits
-    cleanly; resume=auto continues from it (a search: supernet state and sampling too)."""
+    with status 143; resume=auto continues from it (a search: supernet state and sampling too)."""
     monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
 
     def config(out: Path, *extra: str):
