@@ -117,7 +117,7 @@ def test_ddp_search_and_retrain_one_run_dir_each(tmp_path):
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["batch_size"] == {"per_device": 4, "global": 8, "devices": 2, "num_nodes": 1, "accumulate": 1}
     command = (run_dir / "retrain_command.txt").read_text().strip()
-    assert command.endswith(f"arch={exports[0].stem}")
+    assert command.endswith(f"arch={exports[0]}")  # by absolute path
 
     # retrain what was found, with plain ddp: Lightning re-launches train.py with hydra.run.dir
     retrain = subprocess.run([sys.executable, "train.py", "experiment=demo_cakes", f"arch={exports[0].stem}",

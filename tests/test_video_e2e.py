@@ -49,7 +49,7 @@ def test_search_export_retrain(cakes_root, operator, extra):
     assert arch.meta["found_gmacs"] <= arch.meta["c3d_gmacs"]
     assert (cakes_root / "search_run" / "arch" / exports[0].with_suffix(".png").name).is_file()
     command = (cakes_root / "search_run" / "retrain_command.txt").read_text().strip()
-    assert command.endswith(f"arch={exports[0].stem}")
+    assert command.endswith(f"arch={exports[0]}")  # by absolute path
 
     # retrain exactly that architecture, by name, as a Hydra group option
     metrics = run_config("train", ["experiment=demo_cakes", f"arch={exports[0].stem}"], cakes_root / "retrain")
@@ -83,7 +83,7 @@ def test_lasso_sweep_writes_one_yaml_per_value(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "found" / "arch").glob("*.yaml"))
-    assert names == ["demo_search_c123d_cost_s0.0001.yaml", "demo_search_c123d_cost_s0.01.yaml"]
+    assert names == ["demo_search_c123d_cost_s0.0001_seed42.yaml", "demo_search_c123d_cost_s0.01_seed42.yaml"]
     assert {load_arch(tmp_path / "found" / "arch" / n).meta["lasso"] for n in names} == {1e-4, 1e-2}
 
 

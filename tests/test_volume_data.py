@@ -132,9 +132,9 @@ def test_setup_errors_name_the_case_and_file(msd_root: Path, tmp_path: Path) -> 
     dm = make_dm(root, split_file=split)
     dm.validate()  # header-level checks pass; label values are checked when loaded
     dm.setup("validate")
-    with pytest.raises(RuntimeError) as err:  # MONAI wraps transform errors
+    with pytest.raises(RuntimeError) as err:  # a CaseError: the loading error itself names the case and file
         dm.val_set[0]
-    assert re.search(r"case 'pancreas_004': label .*pancreas_004.nii.gz holds values \[3.0\]", str(err.value.__cause__))
+    assert re.search(r"^case 'pancreas_004': label .*pancreas_004.nii.gz holds values \[3.0\]", str(err.value))
     (root / "dataset.json").unlink()
     with pytest.raises(FileNotFoundError, match="MSD dataset.json not found"):
         make_dm(root).validate()

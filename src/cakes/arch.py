@@ -15,7 +15,6 @@ Within a layer, output channels are grouped in the order the counts are listed.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +135,10 @@ def load_arch(source: str | os.PathLike | Mapping | Arch) -> Arch:
         if not path.is_file():
             raise FileNotFoundError(f"arch file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ArchError(f"{path}: not text: an arch file must be a UTF-8 YAML file (undecodable byte at offset "
+                            f"{err.start})") from None
         except yaml.YAMLError as err:
             raise ArchError(f"{path}: not valid yaml: {err}") from None
         return arch_from_mapping(data, source=str(path))
@@ -175,21 +177,12 @@ def arch_data(name: str | None, arch_dir: str | None = None) -> dict[str, Any]:
     return load_arch(find_arch(name, arch_dir)).to_dict()
 
 
-def save_arch(arch: Arch, path: str | os.PathLike, header: str = "") -> Path:
-    """Write ``arch`` atomically (temp file in the same directory, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_arch(arch: Arch, path: str | os.PathLike, header: str = "", exclusive: bool = False) -> Path:
+    """Write ``arch`` atomically with the umask-based mode (:func:`cakes.files.write_atomic`).
+    ``exclusive``: never replace an existing file (``FileExistsError`` naming it)."""
+    from cakes.files import write_atomic
+
     text = yaml.safe_dump(arch.to_dict(), sort_keys=False, default_flow_style=None, width=120)
     if header:
         text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(Path(path), text, exclusive=exclusive)

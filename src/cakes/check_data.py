@@ -291,15 +291,15 @@ def compose_data_config(overrides: Sequence[str], config: str | None = None) -> 
     """The run's config as ``train.py`` (or ``search.py``) would compose it, writing nothing."""
     from cakes.config import compose_config
 
-    errors = []
+    errors: list[Exception] = []
     for name in [config] if config else ["train", "search"]:
         try:
             cfg = compose_config(name, overrides)
             break
         except Exception as err:  # noqa: BLE001 - try the other entry point's config
-            errors.append(f"{name}.yaml: {err}")
+            errors.append(err)
     else:
-        raise ValueError("cannot compose the config:\n  " + "\n  ".join(errors))
+        raise errors[0]  # train.yaml's reason (or the one asked for)
     if "split_dir" in cfg.data:
         cfg.data.split_dir = None  # a check writes nothing
     return cfg
@@ -315,14 +315,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     from hydra.utils import instantiate
 
+    from cakes.config import one_line
+    from cakes.run import check_arch
+
     try:
         cfg = compose_data_config(args.overrides, args.config)
+        check_arch(cfg)  # as train.py would, before anything is built
         dm = instantiate(cfg.data)
     except Exception as err:  # noqa: BLE001 - a config that cannot be used is its own exit status
-        print(f"check_data: cannot build the data module: {err}", file=sys.stderr)
+        print(f"check_data: cannot build the data module: {one_line(err)}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    report = check_datamodule(dm, workers=args.workers)
+    try:
+        report = check_datamodule(dm, workers=args.workers)
+    except Exception as err:  # noqa: BLE001 - one line, no traceback
+        print(f"check_data: error: {one_line(err)}", file=sys.stderr)
+        return 2
     print(report.format(), flush=True)
     return 1 if report.num_bad else 0
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,19 @@ def operator_mode(target: str) -> str:
     return getattr(get_class(target), "search_mode", None) or "fixed"
 
 
+def escape_interpolations(value: Any) -> Any:
+    """Plain data whose strings OmegaConf keeps literal: every ``${`` escaped (``\\${``, and the
+    backslashes before it doubled), so ``${oc.env:HOME}`` in an arch file stays that text — arch
+    files are data, nothing in them is interpolated."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape_interpolations(v) for v in value]
+    return value
+
+
 def register_resolvers() -> None:
     """OmegaConf resolvers used by the configs (idempotent)."""
     if not OmegaConf.has_resolver("operator_mode"):
@@ -30,14 +44,24 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("arch_data"):
         from cakes.arch import arch_data
 
-        # a DictConfig (not a dict) so that OmegaConf.resolve() can store it in place
-        OmegaConf.register_new_resolver("arch_data", lambda name, arch_dir: OmegaConf.create(arch_data(name, arch_dir)))
+        # a DictConfig (not a dict) so that OmegaConf.resolve() can store it in place; its strings escaped,
+        # or OmegaConf would resolve a ${...} written in the arch file
+        OmegaConf.register_new_resolver(
+            "arch_data", lambda name, arch_dir: OmegaConf.create(escape_interpolations(arch_data(name, arch_dir))))
 
 
 def conf_dir() -> Path:
-    """The project's ``conf/`` (``$CAKES_CONF_DIR`` overrides; default: next to ``src/``)."""
+    """The project's ``conf/``, found as ``train.py`` finds it: ``$CAKES_CONF_DIR`` if set; else, when
+    the current directory is a working copy (``train.py`` next to ``conf/train.yaml``), its
+    ``conf/`` — the one ``python train.py`` run there composes; else the tree next to ``src/``."""
     env = os.environ.get("CAKES_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    cwd = Path.cwd()
+    if env:
+        path = Path(env)
+    elif (cwd / "train.py").is_file() and (cwd / "conf" / "train.yaml").is_file():
+        path = cwd / "conf"
+    else:
+        path = Path(__file__).resolve().parents[2] / "conf"
     if not (path / "train.yaml").is_file():
         raise FileNotFoundError(f"cannot find the cakes configs (train.yaml) in {path}; set CAKES_CONF_DIR")
     return path
@@ -57,6 +81,17 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfi
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = "<no run directory>"
     return cfg
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line for a command-line tool: the message of the innermost cause that
+    carries one (Hydra and OmegaConf wrap ours), whitespace collapsed."""
+    inner = err
+    while (type(inner).__name__ in ("InterpolationResolutionError", "InstantiationException")
+           and inner.__cause__ is not None and str(inner.__cause__).strip()):
+        inner = inner.__cause__
+    text = " ".join(str(inner).split()) or type(inner).__name__
+    return text if isinstance(inner, (ValueError, OSError)) else f"{type(inner).__name__}: {text}"
 
 
 def compose_train_config(overrides: Sequence[str] = ()) -> DictConfig:

@@ -148,7 +148,7 @@ def authors_to_ours(state: Mapping[str, Tensor], net: nn.Module, arch: Arch, sou
 
 
 def _save(checkpoint: Mapping[str, Any], path: Path) -> None:
-    from cakes.run import write_atomic
+    from cakes.files import write_atomic
 
     buffer = io.BytesIO()
     torch.save(dict(checkpoint), buffer)
@@ -160,7 +160,7 @@ def convert_authors(src: str | Path, dst: str | Path, overrides: Sequence[str] =
     """Authors' checkpoint → a checkpoint of ours for the network the train config (with
     ``overrides``, which must name ``arch=``) builds. Returns ``dst``."""
     import pytorch_lightning as pl
-    from hydra.utils import instantiate
+    from cakes.modules.base import build_model
 
     from cakes.arch import find_arch, load_arch
     from cakes.config import compose_train_config
@@ -175,7 +175,7 @@ def convert_authors(src: str | Path, dst: str | Path, overrides: Sequence[str] =
     arch = load_arch(find_arch(arch_name, cfg.paths.arch_dir))
     state, module_prefix, entries = read_authors_checkpoint(src)
     cfg.backbone.pretrained = None  # every weight comes from the checkpoint
-    module = instantiate(cfg.model)
+    module = build_model(cfg.model)
     mapped = authors_to_ours(state, module.net, arch, str(src))
     module.net.load_state_dict(mapped, strict=True)
     checkpoint: dict[str, Any] = {

@@ -31,7 +31,24 @@ def trainer_parallelism(trainer: Any) -> dict[str, int]:
             "accumulate": int(trainer.accumulate_grad_batches)}
 
 
-def resolve_batch_size(per_device: int, global_batch_size: int | None, *, devices: int, num_nodes: int = 1,
+def positive_int(value: Any, field: str, *, optional: bool = False) -> int | None:
+    """``value`` as a positive integer, else :class:`BatchSizeError` naming ``field`` (a command-line
+    override such as ``++global_batch_size=abc`` arrives as a string)."""
+    if value is None and optional:
+        return None
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    if number is None or number < 1:
+        raise BatchSizeError(f"{field}: expected a positive integer{' (or null)' if optional else ''}, got {value!r}")
+    return number
+
+
+def resolve_batch_size(per_device: Any, global_batch_size: Any, *, devices: int, num_nodes: int = 1,
                        accumulate: int = 1) -> dict[str, int]:
     """The per-device and global batch of a run.
 
@@ -40,13 +57,15 @@ def resolve_batch_size(per_device: int, global_batch_size: int | None, *, device
     the per-device batch becomes the quotient (replacing ``per_device``).
 
     Raises:
-        BatchSizeError: naming every number, when it does not divide (or is < 1).
+        BatchSizeError: naming the field when a size is not a positive integer, and every number when
+            the global batch does not divide.
     """
     split = int(devices) * int(num_nodes) * int(accumulate)
-    if global_batch_size is None:
+    per_device = positive_int(per_device, "data.batch_size")
+    gbs = positive_int(global_batch_size, "global_batch_size", optional=True)
+    if gbs is None:
         per = int(per_device)
     else:
-        gbs = int(global_batch_size)
         if gbs < 1 or gbs % split:
             raise BatchSizeError(
                 f"global_batch_size={gbs} does not split evenly over {devices} device(s) x {num_nodes} node(s) x "

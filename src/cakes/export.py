@@ -34,18 +34,15 @@ TOLERANCE = 1e-4
 def export_onnx(net: nn.Module, input_shape: Sequence[int], path: str | os.PathLike) -> Path:
     """Export ``net`` (put in eval mode) for inputs of ``input_shape`` (batch axis included) to
     ``path`` (atomically: a temporary file in the same folder, then renamed). Returns the path."""
+    from cakes.files import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     net = net.eval()
     example = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(net, (example,), dynamo=True, external_data=False, verbose=False)
+    with torch.no_grad():
+        program = torch.onnx.export(net, (example,), dynamo=True, external_data=False, verbose=False)
+    with atomic_output(path, suffix=".onnx") as tmp:
         program.save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

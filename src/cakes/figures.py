@@ -1,4 +1,5 @@
-"""Writing matplotlib figures the way the project writes every file: atomically."""
+"""Writing matplotlib figures the way the project writes every file (:mod:`cakes.files`): atomically,
+with the umask-based mode."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
     """Save ``fig`` as PNG to ``path`` through a temporary file in the same folder, then close it."""
     import matplotlib.pyplot as plt
 
+    from cakes.files import atomic_output
+
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path

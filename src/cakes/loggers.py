@@ -68,11 +68,10 @@ def wandb_run_id(save_dir: str | os.PathLike[str]) -> str | None:
         return id_file.read_text().strip() or None
     if rank_zero_only.rank != 0:
         return None
-    id_file.parent.mkdir(parents=True, exist_ok=True)
+    from cakes.files import write_atomic
+
     run_id = uuid.uuid4().hex[:12]
-    tmp = id_file.with_name(f".wandb_run_id.{os.getpid()}.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, id_file)
+    write_atomic(id_file, run_id + "\n")
     return run_id
 
 

@@ -147,23 +147,39 @@ def profile(module: nn.Module, input_shape: Sequence[int], views: int = 1, depth
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cakes.profile <overrides>``: compose the train config with the same overrides
-    as ``train.py``, build the model on the meta device (no data, no weights) and print a table
-    followed by one JSON line with ``params``, ``macs`` and ``input_shape``."""
+    as ``train.py`` (from the same ``conf/``: :func:`cakes.config.conf_dir`), build the model on the
+    meta device (no data, no weights) and print a table followed by one JSON line with ``params``,
+    ``macs`` and ``input_shape``. A config that cannot be used (a bad arch, a mistyped override) is
+    one line on stderr and exit status 2."""
+    import argparse
     import sys
 
-    from cakes.config import compose_train_config, input_shape_from_config, views_from_config
+    from cakes.config import compose_train_config, input_shape_from_config, one_line, views_from_config
     from cakes.modules.base import build_network
+    from cakes.run import check_arch
 
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    cfg = compose_train_config(overrides)
-    with torch.device("meta"):
-        net = build_network(cfg.model.net, pretrained=False)
-    result = profile(net, input_shape_from_config(cfg), views=views_from_config(cfg))
+    parser = argparse.ArgumentParser(prog="python -m cakes.profile", description=(
+        "Parameters and MACs of the model train.py would build with the same overrides (built on the meta "
+        "device: no data, no weights): a per-module table, then one JSON line."))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = compose_train_config(args.overrides)
+        check_arch(cfg)
+        with torch.device("meta"):
+            net = build_network(cfg.model.net, pretrained=False)
+        result = profile(net, input_shape_from_config(cfg), views=views_from_config(cfg))
+    except Exception as err:  # noqa: BLE001 - a command-line tool: one line, no traceback
+        print(f"cakes.profile: error: {one_line(err)}", file=sys.stderr)
+        return 2
     print(result.table())
     print(json.dumps(result.as_dict()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

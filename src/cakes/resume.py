@@ -38,6 +38,9 @@ from torch.utils.data import DistributedSampler
 
 log = logging.getLogger(__name__)
 
+#: logged (value 1) with the epoch aggregates of an epoch that a resumed run entered part-way: its
+#: ``*_epoch`` training metrics cover only the batches after the resume point
+PARTIAL_EPOCH_KEY = "resumed_partial_epoch"
 #: file patterns that hold a resumable state: our checkpoints and Lightning's SLURM requeue saves
 CHECKPOINT_GLOBS = ("checkpoints/*.ckpt", "hpc_ckpt_*.ckpt")
 
@@ -251,6 +254,7 @@ class ResumeStateCallback(pl.Callback):
         self.requeue_on_sigterm = requeue_on_sigterm
         self._epoch, self._batches, self._per_epoch = 0, 0, float("inf")
         self._pending: tuple[int, int] | None = None
+        self._partial_epoch: int | None = None  # the epoch this fit resumed part-way through
 
     # -- position in the data
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -278,6 +282,13 @@ class ResumeStateCallback(pl.Callback):
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
             log.info("resume: epoch %d continues at batch %d in the original order", self._epoch, self._batches)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the epoch aggregates (train/*_epoch) of an epoch entered part-way cover only the batches
+        # after the resume point: mark that row of the log (README, "Reliability and security")
+        if self._partial_epoch is not None and self._partial_epoch == trainer.current_epoch:
+            pl_module.log(PARTIAL_EPOCH_KEY, 1.0, on_step=False, on_epoch=True, logger=True)
+        self._partial_epoch = None
+
     def take_position(self) -> tuple[int, int] | None:
         pending, self._pending = self._pending, None
         return pending
@@ -292,6 +303,7 @@ class ResumeStateCallback(pl.Callback):
         if position is not None:
             self._epoch, self._batches = int(position["epoch"]), int(position["batches"])
             self._pending = (self._epoch, self._batches)
+            self._partial_epoch = self._epoch if self._batches else None
         if state_dict.get("rng"):
             _set_rng_states(state_dict["rng"])
 

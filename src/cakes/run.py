@@ -10,9 +10,9 @@ Everything written to it comes from global rank zero."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-import os
 import platform
 import shlex
 import subprocess
@@ -25,14 +25,23 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from cakes.files import write_atomic  # noqa: F401 - also imported from here by other modules
 from cakes.distributed import check_shared_run_dir, ddp_strategy, resolve_batch_size, trainer_parallelism
 from cakes.loggers import LogConfigCallback, finish_loggers
+from cakes.modules.base import build_model
 from cakes.ops import plan as conv_plan
+from cakes.resume import PARTIAL_EPOCH_KEY
 from cakes.resume import resolve_resume as _resolve_resume
 from cakes.weights import apply_init, check_initial_weights
 
 log = logging.getLogger(__name__)
+
+#: exit status of ``train.py`` / ``search.py`` stopped by SIGTERM (preemption, a time limit, ``kill``)
+#: after it saved ``last.ckpt``: 128 + 15, as a shell reports a process that SIGTERM ended. Continue
+#: it with ``resume=auto`` in the same run directory. (0: finished; 1: failed.)
+EXIT_PREEMPTED = 143
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -46,15 +55,6 @@ def git_commit(cwd: Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
 
 
 @rank_zero_only
@@ -84,6 +84,31 @@ def record_run(cfg: DictConfig, output_dir: Path, extra: dict[str, Any] | None =
     if command:
         write_atomic(output_dir / "resume_command.txt", command + "\n")
         log.info("if interrupted, continue with: %s", command)
+
+
+class RunDirError(RuntimeError):
+    """The run directory already holds another run's records, and the run was not asked to resume."""
+
+
+#: what a run directory holds once a run has started in it (never overwritten by another run)
+RUN_RECORDS = ("config_resolved.yaml", "run_info.json", "metrics.json")
+
+
+def check_fresh_run_dir(cfg: DictConfig, output_dir: Path) -> None:
+    """Refuse to start a fresh run (``resume`` null) in a directory where a run already wrote its
+    records or checkpoints: its ``config_resolved.yaml``, ``run_info.json`` and ``last.ckpt`` would
+    be overwritten. Checked by global rank zero only (Lightning's DDP launcher re-runs the script in
+    the same directory for the other ranks, after rank zero has written its records)."""
+    if cfg.get("resume") not in (None, "", "null") or rank_zero_only.rank != 0:
+        return
+    found = [name for name in RUN_RECORDS if (output_dir / name).is_file()]
+    found += sorted(str(p.relative_to(output_dir)) for p in output_dir.glob("checkpoints/*.ckpt"))
+    if found:
+        raise RunDirError(
+            f"{output_dir} already holds a run ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); nothing "
+            "was overwritten. To continue that run, add resume=auto with the same overrides and the same "
+            "hydra.run.dir (its resume_command.txt has the command); to start a fresh run, leave hydra.run.dir out "
+            "(a new time-stamped directory) or give a new hydra.run.dir")
 
 
 def resume_command(output_dir: Path) -> str | None:
@@ -121,8 +146,20 @@ def check_arch(cfg: DictConfig) -> None:
     from cakes.arch import find_arch, load_arch
 
     name = cfg.get("arch")
-    if name not in (None, "", "???"):
-        load_arch(find_arch(str(name), cfg.paths.arch_dir))
+    if name in (None, "", "???"):
+        return
+    path = find_arch(str(name), cfg.paths.arch_dir)
+    arch = load_arch(path)
+    # a found architecture for this backbone: check its layers and widths now, naming the file
+    operator, backbone = cfg.get("operator") or {}, cfg.get("backbone") or {}
+    if operator.get("_target_") in ("cakes.ops.Derived", "cakes.ops.factory.Derived"):
+        from cakes.builders import builder
+
+        cls = builder(str(backbone.get("_target_")))
+        if cls is not None and hasattr(cls, "slots"):
+            params = inspect.signature(cls.slots).parameters
+            arch.check_backbone(cls.name, cls.slots(**{k: backbone[k] for k in params if k in backbone}),
+                                source=str(path))
 
 
 def system_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:
@@ -138,6 +175,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     conv_plan.configure(str(cfg.get("conv_plan") or "benchmark"))
     check_shared_run_dir()
     output_dir = Path(cfg.paths.output_dir)
+    check_fresh_run_dir(cfg, output_dir)  # before anything is written
     pl.seed_everything(cfg.seed, workers=True)
 
     strategy = ddp_strategy(cfg)
@@ -159,7 +197,7 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[st
                                       logger=loggers or False)
 
     # explicit batch sizes: per device (data.batch_size) and global (checked before anything runs)
-    batch = resolve_batch_size(int(cfg.data.batch_size), cfg.get("global_batch_size"), **trainer_parallelism(trainer))
+    batch = resolve_batch_size(cfg.data.batch_size, cfg.get("global_batch_size"), **trainer_parallelism(trainer))
     if batch["per_device"] != cfg.data.batch_size:
         log.info("global_batch_size %d = %d per device x %d device(s) x %d node(s) x %d accumulation: "
                  "data.batch_size %d -> %d", batch["global"], batch["per_device"], batch["devices"],
@@ -173,16 +211,23 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[st
     if hasattr(datamodule, "validate"):
         datamodule.validate()  # bad roots, lists, labels: fail here, before any model is built
 
-    model: pl.LightningModule = instantiate(cfg.model)
+    model = build_model(cfg.model)  # plain data, resolved once (arch files are data)
     if cfg.get("init"):
         apply_init(model.net, cfg.init)
-    if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    try:
+        if cfg.get("train", True):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = final_metrics(trainer)
+        if cfg.get("test"):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            metrics.update(final_metrics(trainer))
+    except SIGTERMException:
+        # ResumeStateCallback has written last.ckpt: say "stopped, resumable" to the shell or scheduler
+        # (exit 0 would let `search.py && train.py` carry on without metrics or export)
+        log.warning("stopped by SIGTERM: exit status %d; continue with resume=auto in %s (resume_command.txt)",
+                    EXIT_PREEMPTED, output_dir)
+        raise SystemExit(EXIT_PREEMPTED) from None
     if trainer.is_global_zero:
         write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         for callback in callbacks:
@@ -191,6 +236,11 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[st
                 write_atomic(output_dir / "retrain_command.txt", command + "\n")
                 print(f"\nFound architecture: {callback.export_path}\nRetrain it with:\n  {command}\n", flush=True)
     return metrics
+
+
+def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The trainer's logged metrics as plain floats (without the log-only resume marker)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k != PARTIAL_EPOCH_KEY}
 
 
 def retrain_command(callback: Any, output_dir: Path) -> str | None:
@@ -204,5 +254,5 @@ def retrain_command(callback: Any, output_dir: Path) -> str | None:
     if not copies:
         return None
     callback.export_path = Path(callback.arch_dir) / "arch" / copies[-1].name
-    callback.retrain_command = f"{callback.retrain} arch={copies[-1].stem}"
+    callback.retrain_command = callback.command_for(callback.export_path)
     return callback.retrain_command

@@ -181,6 +181,20 @@ class C2FNAS(nn.Module):
         head_in, head_mid = (widths[0], stem) if head == "light" else (2 * widths[0], widths[0])
         self.head = Head(head_in, head_mid, stem, num_classes)
 
+    #: the smallest input size per axis: the deepest level (1/16) keeps two voxels, so its instance
+    #: norms see more than one spatial element
+    MIN_INPUT_SIZE = 32
+
+    @classmethod
+    def check_input_size(cls, spatial: tuple[int, ...] | list[int], source: str = "input size") -> None:
+        """``ValueError`` naming ``source`` unless ``spatial`` is three sizes, each a multiple of 16 and
+        at least :data:`MIN_INPUT_SIZE` (checked before the network runs)."""
+        sizes = [int(s) for s in spatial]
+        if len(sizes) != 3 or any(s % 16 or s < cls.MIN_INPUT_SIZE for s in sizes):
+            raise ValueError(f"{source} {sizes}: C2FNAS needs three sizes, each a multiple of 16 and at least "
+                             f"{cls.MIN_INPUT_SIZE} (its deepest level is 1/16 of the input; its instance norms need "
+                             f"more than one voxel there), e.g. {[max(cls.MIN_INPUT_SIZE, -(-s // 16) * 16) for s in sizes]}")
+
     @staticmethod
     def slots(*, width: float = 1.0) -> dict[str, int]:
         """Replaceable convs ``{layer name: output width}`` in module order."""

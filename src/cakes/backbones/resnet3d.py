@@ -37,6 +37,8 @@ RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     101: ("bottleneck", (3, 4, 23, 3)),
 }
 EXPANSION = {"basic": 1, "bottleneck": 4}
+#: the tensors of a torchvision BatchNorm2d (``num_batches_tracked`` is ignored)
+BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
 def _pointwise(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv3d:
@@ -257,10 +259,12 @@ class ResNet3d(nn.Module):
             fed.add(target)
 
         def bn_state(prefix: str) -> dict[str, Tensor]:
-            return {n: take(f"{prefix}.{n}") for n in ("weight", "bias", "running_mean", "running_var")
-                    if f"{prefix}.{n}" in state}
+            return {n: take(f"{prefix}.{n}") for n in BN_KEYS if f"{prefix}.{n}" in state}
 
+        slots: list[str] = []
         for name, module in self.named_modules():
+            if any(name.startswith(f"{slot}.") for slot in slots):
+                continue  # inside a slot: the slot loads it
             if isinstance(module, nn.Conv3d) and f"{name}.weight" in state:
                 w = take(f"{name}.weight")
                 if w.dim() == 4:
@@ -272,10 +276,17 @@ class ResNet3d(nn.Module):
             elif isinstance(module, nn.BatchNorm3d) and f"{name}.weight" in state:
                 for key, value in bn_state(name).items():
                     copy_into(f"{name}.{key}", value)
-            elif hasattr(module, "inflate_from_2d") and f"{name}.weight" in state:
+            elif hasattr(module, "inflate_from_2d"):  # a slot: its conv and its BN, every key of both
+                slots.append(name)
                 bn_prefix = re.sub(r"conv(\d+)$", r"bn\1", name)
-                if bn_prefix == name or f"{bn_prefix}.weight" not in state:
+                if bn_prefix == name:
                     problems.append(f"{name}: no matching BN in the source for this slot")
+                    continue
+                needed = [f"{name}.weight", *(f"{bn_prefix}.{n}" for n in BN_KEYS)]
+                missing = [k for k in needed if k not in state]
+                if missing:
+                    problems.append(f"slot {name}: source keys missing: {missing}")
+                    unused.difference_update(needed)  # named here, not again as "not used"
                     continue
                 try:
                     loaded = module.inflate_from_2d(take(f"{name}.weight"), bn_state(bn_prefix))
@@ -283,7 +294,7 @@ class ResNet3d(nn.Module):
                     problems.append(f"{name}: {err}")
                     continue
                 fed.update(f"{name}.{k}" for k in loaded)
-        slot_prefixes = tuple(f"{n}." for n, m in self.named_modules() if hasattr(m, "inflate_from_2d"))
+        slot_prefixes = tuple(f"{n}." for n in slots)
         not_fed = [k for k in own if k not in fed and not k.startswith(("fc.", *slot_prefixes))
                    and not k.endswith("num_batches_tracked")]
         if not_fed:

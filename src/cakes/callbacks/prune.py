@@ -1,12 +1,18 @@
 """``CakesPruneCallback``: turns a trained supernet into a found architecture (arch yaml + plot).
 
-The yaml lands in ``<arch_dir>/arch/<name>.yaml``; ``arch_dir`` is on Hydra's search path, so the
-retrain is ``python train.py experiment=<recipe> arch=<name>`` — nothing is copied by hand.
+The yaml lands in ``<arch_dir>/arch/<name>.yaml`` (the default name ends in ``_seed<seed>``, so the
+jobs of a multi-seed sweep never share one); the retrain command printed and saved in
+``retrain_command.txt`` names it by absolute path, ``python train.py experiment=<recipe>
+arch=/abs/.../<name>.yaml``, so it retrains exactly this file whatever ``paths.arch_dir`` the retrain
+uses. An export never replaces another run's file: it is created exclusively (a concurrent job that
+took the name first makes it move on to ``<name>_1.yaml``, ...).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +76,15 @@ class CakesPruneCallback(pl.Callback):
 
     Args:
         name: file name (without ``.yaml``) of the export; made unique if a different run already
-            wrote that name (``_1``, ``_2``, ...), never overwriting another run's result.
+            wrote that name (``_1``, ``_2``, ...), never overwriting another run's result (the file is
+            created exclusively, so this holds for jobs started at the same time too).
         arch_dir: directory on Hydra's search path; the yaml goes to ``<arch_dir>/arch/<name>.yaml``.
         selection: ``layer_topk`` (the authors' code), ``channel_argmax`` (the paper's wording) or
             ``auto`` (each slot's own rule: ``layer_topk`` for cost-priority slots, the rule a
             performance-priority slot evaluates with for its sampling).
         every_n_epochs: also export every N epochs (0: only at the end).
         provenance: recorded under ``meta`` (op set, mode, lasso, cost weights, data, ...).
-        retrain: command prefix printed with ``arch=<name>`` appended.
+        retrain: command prefix printed with ``arch=<absolute path of the export>`` appended.
     """
 
     def __init__(
@@ -92,7 +99,7 @@ class CakesPruneCallback(pl.Callback):
     ) -> None:
         if selection not in (*SELECTION_RULES, "auto"):
             raise ValueError(f"selection must be one of {SELECTION_RULES} or 'auto', got {selection!r}")
-        self.name, self.arch_dir = name, Path(arch_dir)
+        self.name, self.arch_dir = name, Path(os.path.abspath(Path(arch_dir).expanduser()))
         self.selection, self.every_n_epochs = selection, int(every_n_epochs)
         self.provenance = dict(plain(provenance) or {})  # Hydra passes DictConfig/ListConfig values
         self.retrain, self.plot = retrain, plot
@@ -100,21 +107,41 @@ class CakesPruneCallback(pl.Callback):
         self.retrain_command: str | None = None
 
     # --- where ---------------------------------------------------------------------------------
-    def _target(self, run_id: str) -> Path:
-        """First free ``<name>[_i].yaml``; a file written by this same run is reused."""
-        folder = self.arch_dir / "arch"
-        i = 0
+    def command_for(self, path: Path) -> str:
+        """The retrain command of the export at ``path`` (named by absolute path: ``arch=<name>``
+        would resolve against the retrain's own ``paths.arch_dir`` and could find another file)."""
+        return f"{self.retrain} arch={shlex.quote(str(Path(path).absolute()))}"
+
+    @staticmethod
+    def _owned_by(path: Path, run_id: str) -> bool:
+        from cakes.arch import load_arch
+
+        try:
+            return load_arch(path).meta.get("run_dir") == run_id
+        except (ValueError, OSError):
+            return False
+
+    def _write(self, arch: Arch, run_id: str) -> Path:
+        """Write the export: over this run's own earlier export (``every_n_epochs``, a resumed run),
+        else exclusively to the first free ``<name>[_i].yaml`` — never over another run's file."""
+
+        def header(path: Path) -> str:
+            return f"Found by a CAKES search in {run_id}\nRetrain: {self.command_for(path)}"
+
+        own = self.export_path
+        if own is not None and self._owned_by(own, run_id):
+            return save_arch(arch, own, header=header(own))
+        folder, i = self.arch_dir / "arch", 0
         while True:
             path = folder / (f"{self.name}.yaml" if i == 0 else f"{self.name}_{i}.yaml")  # names may hold dots
-            if not path.exists():
-                return path
+            if self._owned_by(path, run_id):  # a resumed run: its own export
+                return save_arch(arch, path, header=header(path))
             try:
-                from cakes.arch import load_arch
-
-                if load_arch(path).meta.get("run_dir") == run_id:
-                    return path
-            except (ValueError, OSError):
-                pass
+                return save_arch(arch, path, header=header(path), exclusive=True)
+            except FileExistsError:
+                if self._owned_by(path, run_id):
+                    return save_arch(arch, path, header=header(path))
+                log.warning("%s already holds another run's architecture: not overwritten, trying the next name", path)
             i += 1
 
     # --- hooks ---------------------------------------------------------------------------------
@@ -150,12 +177,10 @@ class CakesPruneCallback(pl.Callback):
         arch = found_arch(net, self.selection, meta)
         cost = self.costs(pl_module, arch)
         arch.meta.update(cost)
-        if self.export_path is None:
-            self.export_path = self._target(run_dir)
-        header = f"Found by a CAKES search in {run_dir}\nRetrain: {self.retrain} arch={self.export_path.stem}"
-        save_arch(arch, self.export_path, header=header)
+        self.export_path = self._write(arch, run_dir)
+        self.retrain_command = self.command_for(self.export_path)
+        header = f"Found by a CAKES search in {run_dir}\nRetrain: {self.retrain_command}"
         save_arch(arch, Path(run_dir) / "arch" / self.export_path.name, header=header)
-        self.retrain_command = f"{self.retrain} arch={self.export_path.stem}"
         log.info("found architecture written to %s (%s)", self.export_path,
                  ", ".join(f"{k}={v}" for k, v in cost.items()))
         plot_path = None

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
@@ -50,10 +51,90 @@ class Case:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from cakes.files import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def nifti_problem(path: Path, image: Any) -> str | None:
+    """Why a NIfTI file whose header reads cannot be complete, found cheaply (``None`` if nothing).
+
+    The header says how many bytes the file holds (``vox_offset`` + voxels x bytes per voxel). An
+    uncompressed file must be that long; a ``.gz`` file ends with the size of its content (gzip's
+    ISIZE, mod 2**32), so a truncated one almost never matches — and only then is the file
+    decompressed, to tell a truncated file (it ends early) from a valid one written differently
+    (several gzip members, trailing bytes)."""
+    import gzip
+    import zlib
+
+    try:
+        header = image.header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
+            int(header.get_data_dtype().itemsize)
+    except Exception:  # noqa: BLE001 - not a format with this layout: nothing to check cheaply
+        return None
+    if path.name.endswith(".gz"):
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() < 18:
+                return "truncated: shorter than a gzip header and trailer"
+            handle.seek(-4, os.SEEK_END)
+            if int.from_bytes(handle.read(4), "little") == expected % 2**32:
+                return None
+        try:
+            with gzip.open(path, "rb") as stream:
+                while stream.read(1 << 24):
+                    pass
+        except (EOFError, OSError, zlib.error) as err:
+            return f"truncated or corrupt: the header reads, the voxel data does not ({type(err).__name__}: {err})"
+        return None
+    if path.name.endswith(".nii") and path.stat().st_size < expected:
+        return f"truncated: {path.stat().st_size} bytes, the header describes {expected}"
+    return None
+
+
+def case_error(record: Mapping[str, Any], err: BaseException) -> "CaseError":
+    """``err`` raised while loading the case of ``record``, as a :class:`CaseError` that names the
+    case and its files (MONAI wraps the reader's error in "applying transform ...")."""
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    case = record.get("case", "?")
+    message = " ".join(str(root).split())
+    if not message.startswith(f"case {case!r}"):
+        message = (f"case {case!r} (image {record.get('image')}, label {record.get('label')}): "
+                   f"{type(root).__name__}: {message}")
+    return CaseError(message)
+
+
+class CaseError(RuntimeError):
+    """Loading one case failed; the message names the case and its image and label files."""
+
+
+class NamedCaseDataset(Dataset):
+    """MONAI's ``Dataset`` whose loading errors name the case and its files (:func:`case_error`)."""
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as err:  # noqa: BLE001 - re-raised with the case named
+            raise case_error(self.data[index], err) from err
+
+
+class NamedCaseCacheDataset(CacheDataset):
+    """MONAI's ``CacheDataset`` whose loading errors (caching included) name the case and its files."""
+
+    def _load_cache_item(self, idx: int) -> Any:
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as err:  # noqa: BLE001
+            raise case_error(self.data[idx], err) from err
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as err:  # noqa: BLE001
+            raise case_error(self.data[index], err) from err
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -215,7 +296,8 @@ class VolumeDataModule(SplitDataModule):
 
     def validate(self) -> None:
         """Check the dataset before any model is built: the file list (every listed file must exist),
-        that each label is on its image's grid (NIfTI headers: shape and affine) and the split.
+        that each label is on its image's grid (NIfTI headers: shape and affine), that no NIfTI file
+        is truncated (:func:`nifti_problem`, cheap) and the split.
 
         Raises:
             FileNotFoundError: root, list file or a listed file missing (case and path named).
@@ -224,10 +306,21 @@ class VolumeDataModule(SplitDataModule):
         import nibabel as nib
 
         for case in self.cases:
-            if case.image.is_dir():
-                continue  # a DICOM series: its grid is checked when loaded (CheckPaird)
-            image, label = nib.load(str(case.image)), nib.load(str(case.label))
-            check_grids(case.case, image.shape[:3], image.affine, label.shape[:3], label.affine)
+            loaded = {}
+            for what, path in (("image", case.image), ("label", case.label)):
+                if path.is_dir():
+                    continue  # a DICOM series: its grid is checked when loaded (CheckPaird)
+                try:
+                    loaded[what] = nib.load(str(path))
+                except Exception as err:  # noqa: BLE001 - any reader failure makes the case unusable
+                    raise ValueError(f"case {case.case!r}: cannot read the {what} {path}: {type(err).__name__}: "
+                                     f"{err}") from None
+                problem = nifti_problem(path, loaded[what])
+                if problem:
+                    raise ValueError(f"case {case.case!r}: {what} {path}: {problem}")
+            if len(loaded) == 2:
+                image, label = loaded["image"], loaded["label"]
+                check_grids(case.case, image.shape[:3], image.affine, label.shape[:3], label.affine)
         self.resolve_split()
 
     def resolve_split(self) -> dict[str, Any]:
@@ -277,9 +370,9 @@ class VolumeDataModule(SplitDataModule):
 
     def _dataset(self, records: list[dict[str, Any]], transform: Any) -> Dataset:
         if self.cache_rate > 0:
-            return CacheDataset(records, transform, cache_rate=self.cache_rate, num_workers=self.num_workers or None,
-                                progress=False)
-        return Dataset(records, transform)
+            return NamedCaseCacheDataset(records, transform, cache_rate=self.cache_rate,
+                                         num_workers=self.num_workers or None, progress=False)
+        return NamedCaseDataset(records, transform)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage``; writes the split to ``split_dir`` (global rank zero)."""

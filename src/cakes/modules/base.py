@@ -10,10 +10,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from torch import nn
 
+from cakes.builders import build
 from cakes.config import plain
 from cakes.ops.search import calibrate_macs_costs
 
@@ -21,21 +20,35 @@ log = logging.getLogger(__name__)
 
 
 def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
-    """Instantiate a network config (``_target_`` tree: backbone with its operator factory).
+    """Build a network config (``_target_`` tree: backbone with its operator factory).
 
+    Only the project's own builders may be named (:data:`cakes.builders.NETWORK_BUILDERS`, checked
+    before anything is built): the config may come from a checkpoint of unknown origin.
     ``pretrained=False`` drops any ImageNet path (for counting, or when a checkpoint will
     supply the weights).
     """
     spec = dict(plain(net))
     if not pretrained and "pretrained" in spec:
         spec["pretrained"] = None
-    try:
-        return instantiate(spec, _convert_="all")
-    except InstantiationException as err:
-        # surface our own clear errors (bad arch, missing weights file) rather than Hydra's wrapper
-        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
-            raise err.__cause__ from None
-        raise
+    return build(spec, "net")
+
+
+def build_model(model: Any) -> pl.LightningModule:
+    """The LightningModule of a config's ``model`` node (``_target_`` and its arguments).
+
+    The node is resolved exactly once, into plain data, before the module sees it. Hydra's
+    ``instantiate`` would resolve it in place and the module would resolve it again: a ``${...}``
+    written in an arch file (escaped by the ``arch_data`` resolver, arch files are data) would then
+    be interpolated after all, into the config the checkpoint stores.
+    """
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(model, resolve=True) if OmegaConf.is_config(model) else dict(model)
+    target = spec.pop("_target_")
+    for key in ("_recursive_", "_convert_"):
+        spec.pop(key, None)
+    return get_class(target)(**spec)
 
 
 def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:
@@ -82,6 +95,9 @@ class CakesModule(pl.LightningModule):
             several times faster so on CPU (oneDNN) and with cuDNN under AMP. Values are unchanged.
     """
 
+    #: where the input size of the network is configured (named in errors)
+    input_source = "model.input_shape"
+
     def __init__(
         self,
         net: Mapping[str, Any],
@@ -97,6 +113,8 @@ class CakesModule(pl.LightningModule):
              "base_batch_size": base_batch_size, "input_shape": plain(input_shape), "channels_last": channels_last}
         )
         self.net = build_network(self.hparams.net)
+        if input_shape and hasattr(self.net, "check_input_size"):  # before anything runs the network
+            self.net.check_input_size(list(input_shape)[1:], source=self.input_source)
         if channels_last:
             self.net.to(memory_format=torch.channels_last_3d)
             self.net.register_forward_pre_hook(_channels_last_input)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,6 +103,9 @@ class VolumeSegmentationModule(CakesModule):
     Scheduler settings: ``power`` of the poly decay over ``trainer.max_steps`` iterations (or the
     estimated total when only ``max_epochs`` is set).
     """
+
+    #: the training patch is the network's input (``model.input_shape`` is built from it)
+    input_source = "data.patch_size"
 
     def __init__(
         self,
@@ -204,11 +206,11 @@ class VolumeSegmentationModule(CakesModule):
         """``<run dir>/predictions/<case>.nii.gz`` (uint8 labels, the reference's affine), atomically."""
         import nibabel as nib
 
+        from cakes.files import atomic_output
+
         folder = Path(self.trainer.default_root_dir) / "predictions"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{case}.{os.getpid()}.tmp.nii.gz"
-        nib.save(nib.Nifti1Image(pred.cpu().numpy().astype("uint8"), affine.cpu().double().numpy()), str(tmp))
-        os.replace(tmp, folder / f"{case}.nii.gz")
+        with atomic_output(folder / f"{case}.nii.gz", suffix=".nii.gz") as tmp:  # nibabel compresses by the name
+            nib.save(nib.Nifti1Image(pred.cpu().numpy().astype("uint8"), affine.cpu().double().numpy()), str(tmp))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
