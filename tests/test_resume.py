@@ -179,7 +179,8 @@ def test_sigterm_saves_last_and_resume_matches(tmp_path, monkeypatch):
 
     def config(out: Path, *extra: str):
         cfg = compose_config("search", [*TINY, *RESUMABLE, "operator=performance_priority", "search.lasso=0",
-                                        *extra])
+                                        # one warm-up epoch: the resumes cross the full-kernel/sampling boundary
+                                        "search.shared_kernel=true", "search.full_kernel_epochs=1", *extra])
         cfg.paths.output_dir = str(out)
         return cfg
 

@@ -286,7 +286,7 @@ def test_full_kernel_warmup_runs_the_full_kernel_on_every_channel():
 
 @pytest.mark.parametrize("op_set, shared, message", [
     ("c123d", False, r"shared_kernel=true.*layer 'l' \(op set c123d, shared_kernel=False\)"),
-    ("c12d", True, r"holds the full kernel \(3x3x3\).*op set c12d"),
+    ("c12d", True, r"full kernel \(3x3x3\) in the op set.*op set c12d"),
 ])
 def test_full_kernel_warmup_needs_a_shared_full_kernel(op_set, shared, message):
     from types import SimpleNamespace
@@ -297,3 +297,33 @@ def test_full_kernel_warmup_needs_a_shared_full_kernel(op_set, shared, message):
     with pytest.raises(ValueError, match=message):
         SupernetCallback(full_kernel_epochs=2).on_fit_start(SimpleNamespace(current_epoch=0), module)
     SupernetCallback(full_kernel_epochs=0).on_fit_start(SimpleNamespace(current_epoch=0), module)  # off: fine
+
+
+def test_cost_slot_full_kernel_warmup_trains_only_the_full_paths():
+    """During the warm-up a cost-priority slot's other paths carry nothing (their conv output is
+    zeroed before the norm, so neither input nor weights reach them) and the lasso waits."""
+    from types import SimpleNamespace
+
+    from cakes.callbacks.supernet import SupernetCallback
+
+    torch.manual_seed(0)
+    slot = cost_slot(op_set="c123d", width=4)
+    net = nn.Sequential(slot)
+    callback = SupernetCallback(lasso=1e-2, full_kernel_epochs=2)
+    callback.on_fit_start(SimpleNamespace(current_epoch=0), net)
+    assert slot.full_kernel and callback.warming_up
+    x = torch.randn(2, 3, 4, 5, 5)
+    out = slot(x)
+    reference = slot.norm(torch.cat([slot.candidates(x)[:, :4], torch.zeros(2, 8, 4, 5, 5)], dim=1))
+    torch.testing.assert_close(out, reference)
+    out.square().sum().backward()
+    assert slot.candidates.weights["1x3x3"].grad.abs().sum() == 0 and slot.candidates.weights["3x3x3"].grad.abs().sum() > 0
+    gamma_grad = slot.norm.weight.grad.clone()
+    callback.on_before_optimizer_step(None, net, None)
+    assert torch.equal(slot.norm.weight.grad, gamma_grad)  # no lasso while warming up
+    callback.on_train_batch_start(SimpleNamespace(current_epoch=2, global_rank=0), net, None, 0)
+    assert not slot.full_kernel
+    callback.on_before_optimizer_step(None, net, None)
+    assert not torch.equal(slot.norm.weight.grad, gamma_grad)  # lasso after it
+    with pytest.raises(ValueError, match=r"full kernel \(3x3x3\) in the op set.*layer 'l' \(op set c12d\)"):
+        SupernetCallback(full_kernel_epochs=1).on_fit_start(SimpleNamespace(current_epoch=0), nn.Sequential(cost_slot("c12d")))

@@ -38,9 +38,11 @@ class SupernetCallback(pl.Callback):
             ``on_before_optimizer_step`` — after AMP unscaling, before gradient clipping.
         seed: base seed of the performance-priority sampling; each DDP rank and each batch gets
             its own stream (see :func:`step_seed`).
-        full_kernel_epochs: performance-priority warm-up: in the first epochs every slot runs its
-            shared full kernel on every channel (a plain 3D network); sampling starts after them.
-            Needs ``shared_kernel`` slots whose op set holds the full kernel (checked at fit start).
+        full_kernel_epochs: warm-up: in the first epochs only the full kernel works — a
+            performance-priority slot runs its shared full kernel on every channel (sampling starts
+            after), a cost-priority slot zeroes its other paths (and the lasso waits) — so the
+            supernet trains as a plain 3D network first. Needs the full kernel in the op set and,
+            for performance-priority, ``shared_kernel`` (checked at fit start).
     """
 
     def __init__(self, lasso: float = 0.0, seed: int = 0, full_kernel_epochs: int = 0) -> None:
@@ -50,6 +52,8 @@ class SupernetCallback(pl.Callback):
             raise ValueError(f"search.full_kernel_epochs must be >= 0, got {full_kernel_epochs}")
         self.lasso, self.seed, self.full_kernel_epochs = float(lasso), int(seed), int(full_kernel_epochs)
         self._samplers: list[Any] = []
+        self._cost_slots: list[CostPrioritySlot] = []
+        self.warming_up = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         slots = search_slots(pl_module)
@@ -62,23 +66,29 @@ class SupernetCallback(pl.Callback):
             )
         performance = [s for s in slots if isinstance(s, PerformancePrioritySlot)]
         if self.full_kernel_epochs:
-            unfit = [s for s in performance if s.full_op is None]
-            if not performance or unfit:
-                where = (f"layer {unfit[0].layer!r} (op set {unfit[0].op_set.name}, shared_kernel="
-                         f"{unfit[0].shared_kernel})" if unfit else "the model has no performance-priority slots")
-                raise ValueError(f"search.full_kernel_epochs={self.full_kernel_epochs} needs performance-priority slots "
-                                 f"with search.shared_kernel=true and an op set that holds the full kernel (3x3x3): "
-                                 f"{where}")
+            unfit = [s for s in slots if s.full_op is None]
+            if unfit:
+                slot = unfit[0]
+                shared = f", shared_kernel={slot.shared_kernel}" if isinstance(slot, PerformancePrioritySlot) else ""
+                raise ValueError(f"search.full_kernel_epochs={self.full_kernel_epochs} needs the full kernel (3x3x3) in "
+                                 f"the op set, and search.shared_kernel=true for performance-priority slots: layer "
+                                 f"{slot.layer!r} (op set {slot.op_set.name}{shared}); or turn the warm-up off with "
+                                 f"search.full_kernel_epochs=0")
         self._samplers = list({id(s.sampler): s.sampler for s in performance}.values())
-        for sampler in self._samplers:  # also right for a resumed fit's first validation
-            sampler.full_kernel = trainer.current_epoch < self.full_kernel_epochs
+        self._cost_slots = cost
+        self._set_full_kernel(trainer.current_epoch)  # also right for a resumed fit's first validation
+
+    def _set_full_kernel(self, epoch: int) -> None:
+        self.warming_up = epoch < self.full_kernel_epochs
+        for holder in (*self._samplers, *self._cost_slots):
+            holder.full_kernel = self.warming_up
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         for sampler in self._samplers:
             sampler.seed(step_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))
-            sampler.full_kernel = trainer.current_epoch < self.full_kernel_epochs
+        self._set_full_kernel(trainer.current_epoch)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.lasso > 0:
+        if self.lasso > 0 and not self.warming_up:  # paths that carry nothing yet are not penalised
             apply_lasso(pl_module, self.lasso)

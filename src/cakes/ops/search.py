@@ -196,9 +196,26 @@ class CostPrioritySlot(SearchSlot):
         shares = torch.tensor(cost_shares(self.op_set, cost))
         self.register_buffer("cost_weights", shares.repeat_interleave(self.width))
         self.out_channels = self.num_ops * self.width
+        #: set by :class:`~cakes.callbacks.SupernetCallback` during its full-kernel warm-up: only
+        #: the full kernel's path carries a signal (the other paths' conv outputs are zeroed)
+        self.full_kernel = False
+
+    @property
+    def full_op(self) -> int | None:
+        """Index of the full ``k×k×k`` op in the op set (``None`` if the set lacks it)."""
+        k = self.candidates.kernel_size
+        return self.op_set.names.index(f"{k}x{k}x{k}") if f"{k}x{k}x{k}" in self.op_set.names else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.candidates(x))
+        y = self.candidates(x)
+        if self.full_kernel:
+            if self.full_op is None:
+                raise ValueError(f"layer {self.layer!r}: the full-kernel warm-up needs the full kernel in the op set, "
+                                 f"got op set {self.op_set.name}")
+            keep = torch.zeros(self.num_ops, self.width, dtype=y.dtype, device=y.device)
+            keep[self.full_op] = 1
+            y = y * keep.view(1, -1, 1, 1, 1)
+        return self.norm(y)
 
 
 class ChannelSampler:
