@@ -8,7 +8,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from cakes.config import register_resolvers
 from cakes.run import run
+
+register_resolvers()  # before Hydra composes: the configs use ${operator_mode:...} and ${arch_data:...}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="search")

@@ -52,11 +52,11 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cakes.arch import Arch, load_arch  # noqa: E402
+from cakes.ops.arch import Arch, load_arch  # noqa: E402
 from cakes.backbones import C2FNAS, ResNet3d  # noqa: E402
 from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform  # noqa: E402
 from cakes.profile import profile  # noqa: E402
-from cakes.run import write_atomic  # noqa: E402
+from cakes.files import write_atomic  # noqa: E402
 
 CL = torch.channels_last_3d
 PUBLISHED = [f"ssv1_cakes{s}_{m}" for s in ("12d", "23d", "123d") for m in ("c", "p")]

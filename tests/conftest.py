@@ -1,4 +1,14 @@
-"""Shared test settings."""
+"""Shared test settings; the OmegaConf resolvers registered once, as the entry points do."""
+
+import pytest
+
+from cakes.config import register_resolvers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the configs' resolvers (``import cakes`` has no side effects)."""
+    register_resolvers()
+
 
 #: A tiny synthetic Something-Something set and CPU-sized loading: exercises the real loader and
 #: every training hook in seconds. Tests extend it with their own trainer limits.

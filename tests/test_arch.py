@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cakes.arch import Arch, ArchError, load_arch, save_arch
+from cakes.ops.arch import Arch, ArchError, load_arch, save_arch
 from cakes.backbones import ResNet3d
 from cakes.callbacks.prune import found_arch, plot_arch
 from cakes.ops import CostPriority, Derived
@@ -64,7 +64,7 @@ def test_invalid_arch_files_fail_clearly(tmp_path, mutate, message):
 def test_arch_by_name_is_read_as_data_never_instantiated(tmp_path, monkeypatch):
     """``arch=<name>`` resolves through cakes.arch (not Hydra): a _target_ inside is rejected."""
     from cakes.config import compose_config
-    from cakes.modules.base import build_network
+    from cakes.builders import build_network
 
     (tmp_path / "found" / "arch").mkdir(parents=True)
     data = tiny_arch().to_dict()
@@ -88,7 +88,7 @@ def test_arch_names_resolve_to_exports_then_presets(tmp_path):
 
 def _slow_writer(path: str) -> None:
     """Writes a large arch slowly enough to be killed mid-export."""
-    import cakes.arch as arch_mod
+    import cakes.files as files_mod
 
     real_fdopen = os.fdopen
 
@@ -114,7 +114,7 @@ def _slow_writer(path: str) -> None:
         def fileno(self):
             return self.handle.fileno()
 
-    arch_mod.os.fdopen = lambda fd, mode: Slow(real_fdopen(fd, mode))
+    files_mod.os.fdopen = lambda fd, mode: Slow(real_fdopen(fd, mode))
     layers = {f"layer{i}": {"1x3x3": i + 1, "3x1x1": 1} for i in range(400)}
     save_arch(Arch("resnet3d", "c12d", layers, {}), path)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from cakes.arch import ArchError
+from cakes.ops.arch import ArchError
 from cakes.backbones import C2FNAS
 from cakes.config import compose_config, input_shape_from_config
-from cakes.modules.base import build_network
+from cakes.builders import build_network
 from cakes.ops import CostPriority, CostPrioritySlot, Derived, Homogeneous, PerformancePriority, Uniform
 from cakes.ops.per_layer import PerLayer
 from cakes.profile import profile

@@ -12,7 +12,8 @@ import yaml
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from cakes.config import compose_config, conf_dir
+from cakes.config import compose_config
+from cakes.utils import conf_dir
 from cakes.ops.subkernel import resolve_op_set
 from cakes.run import instantiate_dict
 
@@ -149,7 +150,7 @@ def tiny_arch(**changes) -> dict:
     (lambda a: {**a, "defaults": ["/trainer/gpu"]}, r"unknown keys \['defaults'\]"),
 ])
 def test_arch_yaml_cannot_inject_into_instantiation(cakes_root: Path, arch, message):
-    from cakes.arch import ArchError
+    from cakes.ops.arch import ArchError
     from cakes.run import run
 
     write_arch(cakes_root, "evil", yaml.safe_dump(arch(tiny_arch())))

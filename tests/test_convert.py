@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from cakes.arch import load_arch
+from cakes.ops.arch import load_arch
 from cakes.backbones import ResNet3d
 from cakes.config import compose_config
 from cakes.convert import (

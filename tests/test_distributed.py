@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cakes.arch import load_arch
+from cakes.ops.arch import load_arch
 from conftest import TINY_VIDEO
 from cakes.config import compose_config
 from cakes.data.synthetic_video import generate_synthetic_ssv1

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from cakes import export
-from cakes.arch import load_arch
+from cakes.ops.arch import load_arch
 from cakes.backbones import ResNet3d
 from cakes.config import compose_train_config
-from cakes.modules.base import build_network
+from cakes.builders import build_network
 from test_benchmarks import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_onnx_export_from_a_checkpoint(tmp_path):
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # weights that only the checkpoint has
     ckpt = tmp_path / "last.ckpt"
-    from cakes.config import plain
+    from cakes.utils import plain
 
     torch.save({"hyper_parameters": {"net": plain(cfg.model.net), "input_shape": plain(cfg.model.input_shape)},
                 "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, ckpt)
@@ -93,7 +93,7 @@ def test_export_arguments_and_checkpoints_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"plain.ckpt: not a cakes checkpoint"):
         export.network_from_checkpoint(tmp_path / "plain.ckpt")
     cfg = compose_train_config(["experiment=demo_c3d"])
-    from cakes.config import plain
+    from cakes.utils import plain
 
     torch.save({"hyper_parameters": {"net": plain(cfg.model.net), "input_shape": [3, 4, 32, 32]},
                 "state_dict": {"net.fc.weight": torch.zeros(1)}}, tmp_path / "bad.ckpt")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cakes.arch import Arch
+from cakes.ops.arch import Arch
 from cakes.backbones import ResNet3d
 from cakes.callbacks.prune import found_arch
 from cakes.inherit import inherit

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cakes.arch import ArchError, load_arch
+from cakes.ops.arch import ArchError, load_arch
 from cakes.backbones import ResNet3d
 from cakes.backbones.resnet3d import RESNET_DEPTHS
 from cakes.ops import CostPriority, Derived, Homogeneous, inflate_2d

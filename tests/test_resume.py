@@ -17,8 +17,9 @@ import torch
 
 from cakes.config import compose_config
 from conftest import TINY_VIDEO
-from cakes.resume import ResumableSampler, newest_checkpoint, resolve_resume
+from cakes.checkpoints import newest_checkpoint, resolve_resume
 from cakes.run import run
+from cakes.sampler import ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_VIDEO, "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
@@ -127,7 +128,8 @@ def test_stratified_order_balances_every_batch_and_stays_resumable():
 
 
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
-    env = {**os.environ, "CAKES_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT / "tests"), "WANDB_MODE": "offline"}
+    env = {**os.environ, "CAKES_ROOT": str(tmp_path), "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}  # this checkout's code
     env.pop(PAUSE_ENV, None)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
 
@@ -193,7 +195,7 @@ def test_sigterm_saves_last_and_resume_matches(tmp_path, monkeypatch):
     rows = list(csv.DictReader((tmp_path / "stopped" / "csv" / "metrics.csv").open()))
     steps = {int(r["step"]) for r in rows if r.get("train/loss_step")}
     assert min(steps) < 5 < max(steps)
-    from cakes.arch import load_arch
+    from cakes.ops.arch import load_arch
 
     exports = [load_arch(p).meta["run_dir"] for p in (tmp_path / "found" / "arch").glob("*.yaml")]
     assert sorted(Path(d).name for d in exports) == ["stopped", "whole"]  # one export per run

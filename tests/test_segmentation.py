@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cakes.arch import load_arch
+from cakes.ops.arch import load_arch
 from cakes.backbones import C2FNAS
 from cakes.config import compose_config
 from cakes.modules import VolumeSegmentationModule

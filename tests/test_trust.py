@@ -87,7 +87,8 @@ def test_01_checkpoint_cannot_call_outside_the_project_builders(tmp_path: Path, 
 
 # --------------------------------------------------------------------------- 2: export name, command, overwrite
 def test_02_export_is_named_by_seed_absolute_and_never_overwrites(cakes_root: Path, monkeypatch):
-    from cakes.arch import find_arch, load_arch, save_arch
+    from cakes.arch import find_arch
+    from cakes.ops.arch import load_arch, save_arch
 
     cfg = compose_config("search", [*TINY, "seed=7", f"paths.arch_dir={cakes_root / 'elsewhere'}"])
     assert cfg.callbacks.prune.name.endswith("_seed7")
@@ -208,7 +209,7 @@ def test_04_truncated_or_bad_volumes_are_named(msd: Path):
 
 # --------------------------------------------------------------------------- 6: binary arch file
 def test_06_binary_arch_file_names_path_and_format(tmp_path: Path):
-    from cakes.arch import ArchError, load_arch
+    from cakes.ops.arch import ArchError, load_arch
 
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01" * 8)
@@ -224,17 +225,16 @@ def test_07_written_files_get_the_umask_mode(tmp_path: Path, umask: int, mode: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cakes.arch import load_arch, save_arch
     from cakes.figures import save_figure
     from cakes.files import write_atomic
-    from cakes.run import write_atomic as run_write_atomic
+    from cakes.ops.arch import load_arch, save_arch
 
     old = os.umask(umask)
     try:
         paths = [save_arch(load_arch(ROOT / "archs" / "ssv1_cakes12d_c.yaml"), tmp_path / "a.yaml"),
                  save_figure(plt.figure(), tmp_path / "f.png")]
         write_atomic(tmp_path / "x.txt", "x\n")
-        run_write_atomic(tmp_path / "y.json", b"{}")
+        write_atomic(tmp_path / "y.json", b"{}")
         paths += [tmp_path / "x.txt", tmp_path / "y.json"]
     finally:
         os.umask(old)
@@ -316,7 +316,7 @@ def test_10_profile_and_check_data_fail_cleanly_and_use_the_working_copy(tmp_pat
 
 # --------------------------------------------------------------------------- 11: smaller messages
 def test_11_messages_name_the_field_file_and_minimum(cakes_root: Path):
-    from cakes.arch import ArchError
+    from cakes.ops.arch import ArchError
     from cakes.distributed import BatchSizeError, resolve_batch_size
     from cakes.run import run
 
@@ -339,7 +339,7 @@ def test_11_messages_name_the_field_file_and_minimum(cakes_root: Path):
     assert not (cakes_root / "narrow").exists()
     # a patch too small for C2FNAS: named before the network runs
     cfg = compose_config("train", ["experiment=demo_msd_c3d", "data.patch_size=[16,16,16]"])
-    from cakes.modules.base import build_model
+    from cakes.builders import build_model
 
     with pytest.raises(ValueError, match=r"data\.patch_size.*\[16, 16, 16\].*at least 32"):
         build_model(cfg.model)  # as train.py builds it

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cakes.arch import load_arch
+from cakes.ops.arch import load_arch
 from conftest import TINY_VIDEO
 from cakes.config import compose_config
 from cakes.modules import VideoClassificationModule

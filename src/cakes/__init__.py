@@ -1,7 +1,6 @@
-"""cakes: Channel-wise Automatic KErnel Shrinking for efficient 3D networks (search → prune → retrain)."""
+"""cakes: Channel-wise Automatic KErnel Shrinking for efficient 3D networks (search → prune → retrain).
 
-from cakes.config import register_resolvers
+Importing the package has no side effects: the entry points register the OmegaConf resolvers
+(:func:`cakes.config.register_resolvers`)."""
 
 __version__ = "0.1.0"
-
-register_resolvers()

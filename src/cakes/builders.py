@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from cakes.utils import plain
+
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningModule
 
 #: ``_target_`` values a network config (and so a checkpoint) may name
 NETWORK_BUILDERS: frozenset[str] = frozenset({
@@ -99,3 +106,36 @@ def build(spec: Mapping[str, Any], where: str = "net") -> Any:
     first (a node with ``_recursive_: false`` gets its arguments as plain data)."""
     check_builders(spec, where)
     return _build(spec)
+
+
+def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
+    """Build a network config (``_target_`` tree: backbone with its operator factory).
+
+    Only the project's own builders may be named (:data:`cakes.builders.NETWORK_BUILDERS`, checked
+    before anything is built): the config may come from a checkpoint of unknown origin.
+    ``pretrained=False`` drops any ImageNet path (for counting, or when a checkpoint will
+    supply the weights).
+    """
+    spec = dict(plain(net))
+    if not pretrained and "pretrained" in spec:
+        spec["pretrained"] = None
+    return build(spec, "net")
+
+
+def build_model(model: Any) -> LightningModule:
+    """The LightningModule of a config's ``model`` node (``_target_`` and its arguments).
+
+    The node is resolved exactly once, into plain data, before the module sees it. Hydra's
+    ``instantiate`` would resolve it in place and the module would resolve it again: a ``${...}``
+    written in an arch file (escaped by the ``arch_data`` resolver, arch files are data) would then
+    be interpolated after all, into the config the checkpoint stores.
+    """
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(model, resolve=True) if OmegaConf.is_config(model) else dict(model)
+    target = spec.pop("_target_")
+    for key in ("_recursive_", "_convert_"):
+        spec.pop(key, None)
+    return get_class(target)(**spec)
+

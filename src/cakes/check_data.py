@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hydra.utils import instantiate
 
     from cakes.config import one_line
-    from cakes.run import check_arch
+    from cakes.arch import check_arch
 
     try:
         cfg = compose_data_config(args.overrides, args.config)

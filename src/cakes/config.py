@@ -1,20 +1,16 @@
-"""Config access shared by the entry points: where ``conf/`` lives, composing without a run
-(for ``python -m cakes.profile``), and facts derived from a composed config."""
+"""Config access shared by the entry points: the OmegaConf resolvers the configs use, composing
+without a run (for ``python -m cakes.profile``; ``conf/`` is found by :func:`cakes.utils.conf_dir`),
+and facts derived from a composed config."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-def plain(cfg: Any) -> Any:
-    """OmegaConf node -> plain python containers (resolved); anything else passes through."""
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+from cakes.utils import conf_dir
 
 
 def operator_mode(target: str) -> str:
@@ -38,7 +34,9 @@ def escape_interpolations(value: Any) -> Any:
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers used by the configs (idempotent)."""
+    """Register the OmegaConf resolvers the configs use (idempotent). Called by the entry points
+    (``train.py``, ``search.py``, :func:`compose_config`, the tests' ``pytest_configure``), never as
+    a side effect of ``import cakes``."""
     if not OmegaConf.has_resolver("operator_mode"):
         OmegaConf.register_new_resolver("operator_mode", operator_mode)
     if not OmegaConf.has_resolver("arch_data"):
@@ -50,28 +48,13 @@ def register_resolvers() -> None:
             "arch_data", lambda name, arch_dir: OmegaConf.create(escape_interpolations(arch_data(name, arch_dir))))
 
 
-def conf_dir() -> Path:
-    """The project's ``conf/``, found as ``train.py`` finds it: ``$CAKES_CONF_DIR`` if set; else, when
-    the current directory is a working copy (``train.py`` next to ``conf/train.yaml``), its
-    ``conf/`` — the one ``python train.py`` run there composes; else the tree next to ``src/``."""
-    env = os.environ.get("CAKES_CONF_DIR")
-    cwd = Path.cwd()
-    if env:
-        path = Path(env)
-    elif (cwd / "train.py").is_file() and (cwd / "conf" / "train.yaml").is_file():
-        path = cwd / "conf"
-    else:
-        path = Path(__file__).resolve().parents[2] / "conf"
-    if not (path / "train.yaml").is_file():
-        raise FileNotFoundError(f"cannot find the cakes configs (train.yaml) in {path}; set CAKES_CONF_DIR")
-    return path
-
-
 def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with command-line style overrides, outside a Hydra run.
 
     ``paths.output_dir`` (a Hydra run-time value) is set to a placeholder so the tree resolves.
+    The resolvers the configs use are registered first (:func:`register_resolvers`).
     """
+    register_resolvers()
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cakes.arch import Arch
+from cakes.ops.arch import Arch
 
 #: the order in which the authors' ops append their per-sub-kernel convs (kxkxk, 1xkxk, kx1x1)
 AUTHORS_GROUP_ORDER = ("3x3x3", "1x3x3", "3x1x1")
@@ -135,7 +135,7 @@ def check_groups(state: Mapping[str, Tensor], arch: Arch, source: str) -> None:
 def authors_to_ours(state: Mapping[str, Tensor], net: nn.Module, arch: Arch, source: str) -> dict[str, Tensor]:
     """Map an authors' state (no ``module.``) onto ``net``'s keys, strictly: group widths against
     ``arch`` (by layer), then keys and shapes against ``net``, named in the authors' terms."""
-    from cakes.weights import key_problems
+    from cakes.checkpoints import key_problems
 
     check_groups(state, arch, source)
     own = net.state_dict()
@@ -160,9 +160,10 @@ def convert_authors(src: str | Path, dst: str | Path, overrides: Sequence[str] =
     """Authors' checkpoint → a checkpoint of ours for the network the train config (with
     ``overrides``, which must name ``arch=``) builds. Returns ``dst``."""
     import pytorch_lightning as pl
-    from cakes.modules.base import build_model
+    from cakes.builders import build_model
 
-    from cakes.arch import find_arch, load_arch
+    from cakes.arch import find_arch
+    from cakes.ops.arch import load_arch
     from cakes.config import compose_train_config
 
     overrides = list(overrides)
@@ -195,8 +196,8 @@ def convert_authors(src: str | Path, dst: str | Path, overrides: Sequence[str] =
 def convert_to_authors(src: str | Path, dst: str | Path) -> Path:
     """A checkpoint of ours → the authors' format ``{'epoch', 'arch', 'state_dict', 'best_prec1'}``
     (``module.`` keys). A checkpoint converted from theirs gets its original entries and prefix back."""
-    from cakes.arch import load_arch
-    from cakes.weights import network_state
+    from cakes.ops.arch import load_arch
+    from cakes.checkpoints import network_state
 
     checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     operator = (checkpoint.get("hyper_parameters") or {}).get("net", {}).get("operator", {})

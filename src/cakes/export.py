@@ -61,7 +61,7 @@ def onnx_max_abs_diff(net: nn.Module, path: str | os.PathLike, x: torch.Tensor) 
 def network_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, list[int]]:
     """The network of a cakes checkpoint (its stored config, weights loaded strictly; read with
     ``weights_only=True``: no code runs) and its input shape without the batch axis."""
-    from cakes.modules.base import build_network
+    from cakes.builders import build_network
 
     path = Path(path)
     if not path.is_file():
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         net, shape = network_from_checkpoint(options["ckpt"])
     else:
         from cakes.config import compose_train_config
-        from cakes.modules.base import build_network
+        from cakes.builders import build_network
 
         cfg = compose_train_config(overrides)
         net, shape = build_network(cfg.model.net, pretrained=False), [int(s) for s in cfg.model.input_shape]

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cakes.builders import build_network
+from cakes.checkpoints import load_strict, network_state
 from cakes.ops.conv import CakesConv3d
 from cakes.ops.factory import ConvNorm
 from cakes.ops.search import CostPrioritySlot, PerformancePrioritySlot, SearchSlot
@@ -98,17 +100,12 @@ def inherited_state(derived: nn.Module, supernet: nn.Module) -> dict[str, Tensor
 
 def inherit(derived: nn.Module, supernet: nn.Module) -> None:
     """Load :func:`inherited_state` into ``derived`` strictly."""
-    from cakes.weights import load_strict
-
     load_strict(derived, inherited_state(derived, supernet), "init=supernet")
 
 
 def inherit_from_checkpoint(derived: nn.Module, path: str | Path) -> None:
     """Rebuild the supernet of a search checkpoint (its stored network config, no ImageNet file),
     load its weights strictly, and :func:`inherit` from it."""
-    from cakes.modules.base import build_network
-    from cakes.weights import load_strict, network_state
-
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     net_cfg = (checkpoint.get("hyper_parameters") or {}).get("net")
     if not isinstance(net_cfg, dict):

@@ -157,8 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     from cakes.config import compose_train_config, input_shape_from_config, one_line, views_from_config
-    from cakes.modules.base import build_network
-    from cakes.run import check_arch
+    from cakes.builders import build_network
+    from cakes.arch import check_arch
 
     parser = argparse.ArgumentParser(prog="python -m cakes.profile", description=(
         "Parameters and MACs of the model train.py would build with the same overrides (built on the meta "

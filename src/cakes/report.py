@@ -30,9 +30,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cakes.config import conf_dir
+from cakes.config import register_resolvers
 from cakes.figures import save_figure
-from cakes.run import write_atomic
+from cakes.files import write_atomic
+from cakes.utils import conf_dir
 
 #: the entry points live next to ``conf/``
 REPO = conf_dir().parent
@@ -132,7 +133,7 @@ def cost(run_dir: Path) -> dict[str, float]:
     """Params and GMACs per view of the network a finished run trained (from its resolved config)."""
     import torch
 
-    from cakes.modules.base import build_network
+    from cakes.builders import build_network
     from cakes.profile import profile
 
     cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
@@ -298,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
+    register_resolvers()
     try:
         cfg = compose_report_config(args)
         runs = plan(cfg)

@@ -10,12 +10,10 @@ Everything written to it comes from global rank zero."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,13 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from cakes.files import write_atomic  # noqa: F401 - also imported from here by other modules
+from cakes.arch import check_arch
+from cakes.builders import build_model
+from cakes.callbacks.resume import PARTIAL_EPOCH_KEY
+from cakes.checkpoints import resolve_resume as _resolve_resume
 from cakes.distributed import check_shared_run_dir, ddp_strategy, resolve_batch_size, trainer_parallelism
+from cakes.files import write_atomic
 from cakes.loggers import LogConfigCallback, finish_loggers
-from cakes.modules.base import build_model
 from cakes.ops import plan as conv_plan
-from cakes.resume import PARTIAL_EPOCH_KEY
-from cakes.resume import resolve_resume as _resolve_resume
+from cakes.utils import git_commit
 from cakes.weights import apply_init, check_initial_weights
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,6 @@ log = logging.getLogger(__name__)
 #: after it saved ``last.ckpt``: 128 + 15, as a shell reports a process that SIGTERM ended. Continue
 #: it with ``resume=auto`` in the same run directory. (0: finished; 1: failed.)
 EXIT_PREEMPTED = 143
-
-
-def git_commit(cwd: Path | None = None) -> str:
-    """``<sha>`` or ``<sha>-dirty`` of the code being run, ``unknown`` outside a checkout."""
-    where = cwd or Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 @rank_zero_only
@@ -137,29 +124,6 @@ def instantiate_dict(nodes: DictConfig | None) -> list[Any]:
 def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
     """``resume``: null, a checkpoint path, or ``auto`` (the newest checkpoint of this run dir, if any)."""
     return _resolve_resume(cfg.get("resume"), output_dir)
-
-
-def check_arch(cfg: DictConfig) -> None:
-    """Arch files are data: when the run names one (``arch=<name>`` or a path), find it and validate
-    its schema (no ``_target_`` or other Hydra keys, no unknown keys) before anything is instantiated.
-    The file is read by :func:`cakes.arch.load_arch`, never composed by Hydra."""
-    from cakes.arch import find_arch, load_arch
-
-    name = cfg.get("arch")
-    if name in (None, "", "???"):
-        return
-    path = find_arch(str(name), cfg.paths.arch_dir)
-    arch = load_arch(path)
-    # a found architecture for this backbone: check its layers and widths now, naming the file
-    operator, backbone = cfg.get("operator") or {}, cfg.get("backbone") or {}
-    if operator.get("_target_") in ("cakes.ops.Derived", "cakes.ops.factory.Derived"):
-        from cakes.builders import builder
-
-        cls = builder(str(backbone.get("_target_")))
-        if cls is not None and hasattr(cls, "slots"):
-            params = inspect.signature(cls.slots).parameters
-            arch.check_backbone(cls.name, cls.slots(**{k: backbone[k] for k in params if k in backbone}),
-                                source=str(path))
 
 
 def system_callbacks(cfg: DictConfig, output_dir: Path) -> list[pl.Callback]:

@@ -16,13 +16,15 @@ With ``init`` set, ImageNet files are not read: the checkpoint supplies every we
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import nn
+
+from cakes.checkpoints import load_strict, network_state
+from cakes.inherit import inherit_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -71,42 +73,10 @@ def check_initial_weights(cfg: DictConfig) -> dict[str, Any]:
     return {"init": None, "imagenet": None if pretrained is None else str(pretrained)}
 
 
-def key_problems(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> list[str]:
-    """Missing keys, unexpected keys and shape mismatches of ``given`` against ``expected``."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs network {tuple(v.shape)}" for k, v in expected.items()
-              if k in given and given[k].shape != v.shape]
-    return ([f"missing keys: {missing}"] if missing else []) + (
-        [f"unexpected keys: {unexpected}"] if unexpected else []) + shapes
-
-
-def load_strict(net: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Copy ``state`` into ``net``: every key of each side must be on the other with the same shape
-    (``num_batches_tracked`` included), else ``ValueError`` naming ``source`` and the keys."""
-    problems = key_problems(net.state_dict(), state)
-    if problems:
-        raise ValueError(f"{source} does not fit the network:\n  " + "\n  ".join(problems))
-    net.load_state_dict(dict(state), strict=True)
-
-
-def network_state(checkpoint: Mapping[str, Any], source: str) -> dict[str, Tensor]:
-    """The network's tensors of a project checkpoint (``state_dict`` keys under ``net.``)."""
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, Mapping) or not state:
-        raise ValueError(f"{source}: not a cakes checkpoint (no 'state_dict' entry)")
-    other = [k for k in state if not k.startswith("net.")]
-    if other:
-        raise ValueError(f"{source}: state_dict keys outside the network ('net.'): {other[:5]}")
-    return {k.removeprefix("net."): v for k, v in state.items()}
-
-
 def apply_init(net: nn.Module, init: str) -> None:
     """Initialise ``net`` as ``init`` says (see the module docstring)."""
     kind, path = parse_init(init)
     if kind == "supernet":
-        from cakes.inherit import inherit_from_checkpoint
-
         inherit_from_checkpoint(net, path)
     else:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

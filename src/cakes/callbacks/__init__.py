@@ -1,6 +1,8 @@
-"""Search-time callbacks: the supernet driver (lasso, sampling seeds) and the pruning export."""
+"""Callbacks: the supernet driver (lasso, sampling seeds), the pruning export, and the resume state
+(RNG states, data position, SIGTERM)."""
 
 from cakes.callbacks.prune import CakesPruneCallback, found_arch, plot_arch
+from cakes.callbacks.resume import ResumeStateCallback
 from cakes.callbacks.supernet import SupernetCallback, apply_lasso
 
-__all__ = ["CakesPruneCallback", "SupernetCallback", "apply_lasso", "found_arch", "plot_arch"]
+__all__ = ["CakesPruneCallback", "ResumeStateCallback", "SupernetCallback", "apply_lasso", "found_arch", "plot_arch"]

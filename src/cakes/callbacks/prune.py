@@ -19,8 +19,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from cakes.arch import Arch, save_arch
-from cakes.config import plain
+from cakes.ops.arch import Arch, save_arch
+from cakes.utils import plain
 from cakes.figures import save_figure
 from cakes.ops.search import SELECTION_RULES, search_slots
 
@@ -114,7 +114,7 @@ class CakesPruneCallback(pl.Callback):
 
     @staticmethod
     def _owned_by(path: Path, run_id: str) -> bool:
-        from cakes.arch import load_arch
+        from cakes.ops.arch import load_arch
 
         try:
             return load_arch(path).meta.get("run_dir") == run_id
@@ -156,7 +156,7 @@ class CakesPruneCallback(pl.Callback):
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         if not trainer.is_global_zero:
             return None
-        from cakes.run import git_commit
+        from cakes.utils import git_commit
 
         run_dir = str(Path(trainer.default_root_dir).resolve())
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
@@ -202,7 +202,7 @@ class CakesPruneCallback(pl.Callback):
     @staticmethod
     def costs(pl_module: pl.LightningModule, arch: Arch) -> dict[str, float]:
         """Params and MACs (one view) of the found network and of the all-3D baseline."""
-        from cakes.modules.base import build_network
+        from cakes.builders import build_network
         from cakes.profile import profile
 
         shape = getattr(pl_module.hparams, "input_shape", None)

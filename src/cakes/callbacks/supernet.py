@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,13 +9,7 @@ import torch
 from torch import nn
 
 from cakes.ops.search import CostPrioritySlot, PerformancePrioritySlot, search_slots
-
-
-def step_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
-    """A 63-bit seed that is a pure function of (seed, rank, epoch, batch) — so a resumed run
-    draws exactly the samples an uninterrupted one would, with no generator state to save."""
-    digest = hashlib.sha256(f"{seed}:{rank}:{epoch}:{batch_idx}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from cakes.utils import mix_seed
 
 
 def apply_lasso(net: nn.Module, strength: float) -> int:
@@ -37,7 +30,7 @@ class SupernetCallback(pl.Callback):
         lasso: strength ``s`` of the cost-weighted L1 on the cost-priority path weights; applied in
             ``on_before_optimizer_step`` — after AMP unscaling, before gradient clipping.
         seed: base seed of the performance-priority sampling; each DDP rank and each batch gets
-            its own stream (see :func:`step_seed`).
+            its own stream (:func:`cakes.utils.mix_seed` of seed, rank, epoch and batch).
         full_kernel_epochs: warm-up: in the first epochs only the full kernel works — a
             performance-priority slot runs its shared full kernel on every channel (sampling starts
             after), a cost-priority slot zeroes its other paths (and the lasso waits) — so the
@@ -86,7 +79,7 @@ class SupernetCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         for sampler in self._samplers:
-            sampler.seed(step_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))
+            sampler.seed(mix_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))
         self._set_full_kernel(trainer.current_epoch)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:

@@ -50,7 +50,7 @@ from cakes.datamodules.video_transforms import (
     sample_train_indices,
     train_transform,
 )
-from cakes.resume import train_sampler
+from cakes.sampler import train_sampler
 
 Version = Literal["v1", "v2"]
 ListFormat = Literal["csv", "trn", "json"]

@@ -36,7 +36,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 
 from cakes.datamodules.base import SplitDataModule
 from cakes.datamodules.volume_transforms import check_grids, eval_transforms, train_transforms
-from cakes.resume import train_sampler
+from cakes.sampler import train_sampler
 
 EVAL_SPACES = ("original", "resampled")
 

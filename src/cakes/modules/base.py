@@ -1,5 +1,5 @@
-"""What the video and the volumetric LightningModules share: building the network from its
-config, the optimiser with decay-free norms and biases, linear lr scaling by the global batch,
+"""What the video and the volumetric LightningModules share: the network built from its config
+(:func:`cakes.builders.build_network`), the optimiser with decay-free norms and biases, linear lr scaling by the global batch,
 self-describing checkpoints, and the model's params/MACs logged at the start of a run."""
 
 from __future__ import annotations
@@ -12,43 +12,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from cakes.builders import build
-from cakes.config import plain
+from cakes.builders import build_network
+from cakes.utils import plain
 from cakes.ops.search import calibrate_macs_costs
 
 log = logging.getLogger(__name__)
-
-
-def build_network(net: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
-    """Build a network config (``_target_`` tree: backbone with its operator factory).
-
-    Only the project's own builders may be named (:data:`cakes.builders.NETWORK_BUILDERS`, checked
-    before anything is built): the config may come from a checkpoint of unknown origin.
-    ``pretrained=False`` drops any ImageNet path (for counting, or when a checkpoint will
-    supply the weights).
-    """
-    spec = dict(plain(net))
-    if not pretrained and "pretrained" in spec:
-        spec["pretrained"] = None
-    return build(spec, "net")
-
-
-def build_model(model: Any) -> pl.LightningModule:
-    """The LightningModule of a config's ``model`` node (``_target_`` and its arguments).
-
-    The node is resolved exactly once, into plain data, before the module sees it. Hydra's
-    ``instantiate`` would resolve it in place and the module would resolve it again: a ``${...}``
-    written in an arch file (escaped by the ``arch_data`` resolver, arch files are data) would then
-    be interpolated after all, into the config the checkpoint stores.
-    """
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
-
-    spec = OmegaConf.to_container(model, resolve=True) if OmegaConf.is_config(model) else dict(model)
-    target = spec.pop("_target_")
-    for key in ("_recursive_", "_convert_"):
-        spec.pop(key, None)
-    return get_class(target)(**spec)
 
 
 def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:

@@ -29,7 +29,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.transforms import ResampleToMatch
 
-from cakes.config import plain
+from cakes.utils import plain
 from cakes.modules.base import CakesModule, first_occurrence
 from cakes.modules.schedules import Poly
 
@@ -247,7 +247,7 @@ class VolumeSegmentationModule(CakesModule):
             "cases": {case: {n: (None if torch.isnan(d[r]) else float(d[r])) for r, n in enumerate(names)}
                       for case, d in zip(cases, dsc)},
         }
-        from cakes.run import write_atomic
+        from cakes.files import write_atomic
 
         write_atomic(Path(self.trainer.default_root_dir) / f"eval_{stage}.json", json.dumps(report, indent=2) + "\n")
 

@@ -16,19 +16,15 @@ what follows, and calls ``slot.inflate_from_2d(weight, norm_state)`` for ImageNe
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
-from cakes import arch as arch_io  # module import: cakes.arch itself imports cakes.ops.subkernel
+from cakes.ops.arch import Arch, load_arch
 from cakes.ops.conv import CakesConv3d
 from cakes.ops.functional import Stride
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d
 from cakes.ops.subkernel import OpSet, resolve_op_set
-
-if TYPE_CHECKING:
-    from cakes.arch import Arch
-
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -96,7 +92,7 @@ class Derived(OperatorFactory):
     """
 
     def __init__(self, arch: str | Mapping[str, Any] | Arch) -> None:
-        self.arch = arch_io.load_arch(arch)
+        self.arch = load_arch(arch)
         self._bound = False
 
     def bind(self, backbone: str, slots: Mapping[str, int]) -> None:
