@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from cakes.backbones.base import SlotBuilder, scaled_width
 from cakes.ops.factory import OperatorFactory
 
 BACKBONE_NAME = "c2fnas"
@@ -58,10 +59,6 @@ HEADS = ("light", "concat")
 INSTANCE_NORM = partial(nn.InstanceNorm3d, affine=True)
 
 
-def _scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
 class PreActConv(nn.Sequential):
     """``ReLU → Conv3d (k³, no bias, 'same' padding) → InstanceNorm3d``;
     ``(N, C_in, …) -> (N, C_out, …/stride)``."""
@@ -81,7 +78,7 @@ class ChainCell(nn.Module):
     ``(N, C_in, D, H, W) -> (N, C, D', H', W')`` with ``C`` the cell's level width.
     """
 
-    def __init__(self, *, name: str, in_channels: int, channels: int, down: bool, operator: OperatorFactory) -> None:
+    def __init__(self, *, name: str, in_channels: int, channels: int, down: bool, operator: SlotBuilder) -> None:
         super().__init__()
         self.pre = PreActConv(in_channels, channels, 3 if down else 1, 2 if down else 1)
         self.op0 = operator(layer=f"{name}.op0", in_channels=channels, out_channels=channels, norm=INSTANCE_NORM)
@@ -98,7 +95,7 @@ class MergeCell(nn.Module):
     ``(N, C_x, D/s, H/s, W/s), (N, C, D, H, W) -> (N, C, D, H, W)`` with ``s = 2`` if ``up`` else 1.
     """
 
-    def __init__(self, *, name: str, x_channels: int, channels: int, up: bool, operator: OperatorFactory) -> None:
+    def __init__(self, *, name: str, x_channels: int, channels: int, up: bool, operator: SlotBuilder) -> None:
         super().__init__()
         self.up = up
         self.pre_x = PreActConv(x_channels, channels)
@@ -161,9 +158,9 @@ class C2FNAS(nn.Module):
         if num_classes < 1 or in_channels < 1:
             raise ValueError(f"c2fnas num_classes and in_channels must be positive, got {num_classes}, {in_channels}")
         self.width, self.num_classes, self.head_kind = width, num_classes, head
-        operator.bind(BACKBONE_NAME, self.slots(width=width))
-        widths = [_scaled(c, width) for c in LEVEL_WIDTHS]
-        stem = _scaled(STEM_WIDTH, width)
+        slot_builder = SlotBuilder(operator, BACKBONE_NAME, self.slots(width=width))
+        widths = [scaled_width(c, width) for c in LEVEL_WIDTHS]
+        stem = scaled_width(STEM_WIDTH, width)
         self.stem = nn.Sequential(
             PreActConv(in_channels, stem, 3, activation=False), PreActConv(stem, widths[0], 3, stride=2)
         )
@@ -172,12 +169,13 @@ class C2FNAS(nn.Module):
             channels, x_channels = widths[level - 1], widths[level_of[inputs[0]] - 1]
             if kind in ("plain", "down"):
                 cell: nn.Module = ChainCell(name=name, in_channels=x_channels, channels=channels,
-                                            down=kind == "down", operator=operator)
+                                            down=kind == "down", operator=slot_builder)
             else:
                 cell = MergeCell(name=name, x_channels=x_channels, channels=channels, up=kind == "merge_up",
-                                 operator=operator)
+                                 operator=slot_builder)
             self.add_module(name, cell)
             level_of[name] = level
+        self.built_slots = slot_builder.finish()
         head_in, head_mid = (widths[0], stem) if head == "light" else (2 * widths[0], widths[0])
         self.head = Head(head_in, head_mid, stem, num_classes)
 
@@ -201,7 +199,7 @@ class C2FNAS(nn.Module):
         slots: dict[str, int] = {}
         for name, level, kind, _ in CELLS:
             for i in range(2 if kind.startswith("merge") else 1):
-                slots[f"{name}.op{i}"] = _scaled(LEVEL_WIDTHS[level - 1], width)
+                slots[f"{name}.op{i}"] = scaled_width(LEVEL_WIDTHS[level - 1], width)
         return slots
 
     def forward(self, x: Tensor) -> Tensor:

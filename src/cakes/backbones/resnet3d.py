@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from cakes.backbones.base import InflationReport, SlotBuilder, scaled_width
 from cakes.ops.factory import OperatorFactory
 from cakes.ops.inflate import tile_input_channels
 
@@ -45,10 +45,6 @@ def _pointwise(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv3
     return nn.Conv3d(in_channels, out_channels, kernel_size=1, stride=(1, stride, stride), bias=False)
 
 
-def _scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
 class Bottleneck(nn.Module):
     """``1x1x1 → slot (3x3 op + BN) → 1x1x1`` with identity or projected shortcut."""
 
@@ -59,7 +55,7 @@ class Bottleneck(nn.Module):
         in_channels: int,
         planes: int,
         stride: int,
-        operator: OperatorFactory,
+        operator: SlotBuilder,
     ) -> None:
         super().__init__()
         out_channels = planes * EXPANSION["bottleneck"]
@@ -86,7 +82,7 @@ class Bottleneck(nn.Module):
 class BasicBlock(nn.Module):
     """``slot → slot`` (both 3x3 convs replaceable) with identity or projected shortcut."""
 
-    def __init__(self, *, name: str, in_channels: int, planes: int, stride: int, operator: OperatorFactory) -> None:
+    def __init__(self, *, name: str, in_channels: int, planes: int, stride: int, operator: SlotBuilder) -> None:
         super().__init__()
         self.conv1 = operator(
             layer=f"{name}.conv1", in_channels=in_channels, out_channels=planes, stride=(1, stride, stride),
@@ -110,21 +106,6 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.conv1(x))
         return self.relu(self.conv2(out) + identity)
-
-
-@dataclass
-class InflationReport:
-    """What ImageNet initialisation did, by parameter name."""
-
-    loaded: list[str] = field(default_factory=list)
-    random_init: list[str] = field(default_factory=list)  # model params no source key fed
-    dropped: list[str] = field(default_factory=list)  # source keys deliberately unused (the 1000-way fc)
-
-    def summary(self) -> str:
-        return (
-            f"ImageNet init: {len(self.loaded)} source tensors loaded, {len(self.dropped)} dropped "
-            f"({', '.join(self.dropped) or 'none'}); kept random: {', '.join(self.random_init) or 'none'}"
-        )
 
 
 class ResNet3d(nn.Module):
@@ -154,25 +135,26 @@ class ResNet3d(nn.Module):
         self.depth, self.width, self.num_classes = depth, width, num_classes
         kind, blocks = RESNET_DEPTHS[depth]
         block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
-        operator.bind(BACKBONE_NAME, self.slots(depth=depth, width=width))
+        slot_builder = SlotBuilder(operator, BACKBONE_NAME, self.slots(depth=depth, width=width))
 
-        stem = _scaled(64, width)
+        stem = scaled_width(64, width)
         self.conv1 = nn.Conv3d(in_channels, stem, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False)
         self.bn1 = nn.BatchNorm3d(stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
         channels = stem
         for stage, n_blocks in enumerate(blocks):
-            planes = _scaled(64 * 2**stage, width)
+            planes = scaled_width(64 * 2**stage, width)
             layer = []
             for i in range(n_blocks):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 layer.append(
                     block_cls(name=f"layer{stage + 1}.{i}", in_channels=channels, planes=planes, stride=stride,
-                              operator=operator)
+                              operator=slot_builder)
                 )
                 channels = planes * EXPANSION[kind]
             self.add_module(f"layer{stage + 1}", nn.Sequential(*layer))
+        self.built_slots = slot_builder.finish()
         self.feature_channels = channels
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels, num_classes)
@@ -187,7 +169,7 @@ class ResNet3d(nn.Module):
         kind, blocks = RESNET_DEPTHS[depth]
         slots: dict[str, int] = {}
         for stage, n_blocks in enumerate(blocks):
-            planes = _scaled(64 * 2**stage, width)
+            planes = scaled_width(64 * 2**stage, width)
             for i in range(n_blocks):
                 name = f"layer{stage + 1}.{i}"
                 if kind == "bottleneck":
