@@ -6,8 +6,8 @@ Both slots hold every candidate sub-kernel with the full ``C_out`` outputs (one
 pairs, whose ``|γ|`` are the path weights. Entry ``k·C_out + c`` belongs to op ``k``, channel ``c``.
 
 * :class:`CostPrioritySlot` runs all candidates in parallel and emits all ``n·C_out`` channels;
-  the next conv aggregates them. A cost-weighted L1 on ``γ`` (:class:`cakes.callbacks.CostLasso`)
-  makes expensive paths pay.
+  the next conv aggregates them. A cost-weighted L1 on ``γ`` (:func:`cakes.callbacks.supernet.apply_lasso`,
+  driven by :class:`cakes.callbacks.SupernetCallback`) makes expensive paths pay.
 * :class:`PerformancePrioritySlot` samples, each training step, ``C_out`` of the pairs and computes
   only those (sliced weights, sliced norm with its running statistics written back), emitting
   ``C_out`` channels. In eval mode it runs its current selection (by the selection rule).
