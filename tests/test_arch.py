@@ -56,9 +56,8 @@ def test_invalid_arch_files_fail_clearly(tmp_path, mutate, message):
     mutate(data)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    with pytest.raises(ArchError, match=message):
-        with torch.device("meta"):
-            ResNet3d(operator=Derived(path))
+    with pytest.raises(ArchError, match=message), torch.device("meta"):
+        ResNet3d(operator=Derived(path))
 
 
 def test_arch_by_name_is_read_as_data_never_instantiated(tmp_path, monkeypatch):

@@ -43,7 +43,8 @@ def test_onnx_export_matches_pytorch(tmp_path, case, capsys):
     overrides = {
         "c3d": ["experiment=demo_c3d", *TINY],
         "published": ["experiment=demo_cakes", f"arch={published_tiny(tmp_path)}", *TINY],
-        "found": ["experiment=demo_cakes", f"arch={ROOT / 'benchmarks' / 'archs' / 'demo_search_found_c123d.yaml'}", *TINY],
+        "found": ["experiment=demo_cakes", f"arch={ROOT / 'benchmarks' / 'archs' / 'demo_search_found_c123d.yaml'}",
+                  *TINY],
     }[case]
     out = tmp_path / "model.onnx"
     torch.manual_seed(0)
@@ -97,6 +98,6 @@ def test_export_arguments_and_checkpoints_are_checked(tmp_path):
 
     torch.save({"hyper_parameters": {"net": plain(cfg.model.net), "input_shape": [3, 4, 32, 32]},
                 "state_dict": {"net.fc.weight": torch.zeros(1)}}, tmp_path / "bad.ckpt")
-    with pytest.raises(ValueError, match=r"bad.ckpt: weights do not fit the stored network; missing: \[.*'conv1.weight'.*"
-                       r"other shapes: \['fc.weight \(1,\) \(network: \(4, 256\)\)'\]"):
+    with pytest.raises(ValueError, match=r"bad.ckpt: weights do not fit the stored network; missing: "
+                       r"\[.*'conv1.weight'.*other shapes: \['fc.weight \(1,\) \(network: \(4, 256\)\)'\]"):
         export.network_from_checkpoint(tmp_path / "bad.ckpt")

@@ -183,6 +183,7 @@ def test_bad_state_dicts_are_reported_by_name(tmp_path):
     with pytest.raises(ValueError) as err:
         ResNet3d(operator=Homogeneous("c2d"), width=0.25, num_classes=10, pretrained=path)
     message = str(err.value)
-    assert "layer9.weight" in message and "layer1.0.bn3.bias" in message and "layer1.0.conv1.weight: model (16, 16, 1, 1, 1) vs source" in message
+    assert "layer9.weight" in message and "layer1.0.bn3.bias" in message
+    assert "layer1.0.conv1.weight: model (16, 16, 1, 1, 1) vs source" in message
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         ResNet3d(operator=Homogeneous("c2d"), width=0.25, num_classes=10, pretrained=tmp_path / "nope.pth")

@@ -318,7 +318,8 @@ def test_cost_slot_full_kernel_warmup_trains_only_the_full_paths():
     reference = slot.norm(torch.cat([slot.candidates(x)[:, :4], torch.zeros(2, 8, 4, 5, 5)], dim=1))
     torch.testing.assert_close(out, reference)
     out.square().sum().backward()
-    assert slot.candidates.weights["1x3x3"].grad.abs().sum() == 0 and slot.candidates.weights["3x3x3"].grad.abs().sum() > 0
+    weights = slot.candidates.weights
+    assert weights["1x3x3"].grad.abs().sum() == 0 and weights["3x3x3"].grad.abs().sum() > 0
     gamma_grad = slot.norm.weight.grad.clone()
     callback.on_before_optimizer_step(None, net, None)
     assert torch.equal(slot.norm.weight.grad, gamma_grad)  # no lasso while warming up
@@ -327,4 +328,5 @@ def test_cost_slot_full_kernel_warmup_trains_only_the_full_paths():
     callback.on_before_optimizer_step(None, net, None)
     assert not torch.equal(slot.norm.weight.grad, gamma_grad)  # lasso after it
     with pytest.raises(ValueError, match=r"full kernel \(3x3x3\) in the op set.*layer 'l' \(op set c12d\)"):
-        SupernetCallback(full_kernel_epochs=1).on_fit_start(SimpleNamespace(current_epoch=0), nn.Sequential(cost_slot("c12d")))
+        SupernetCallback(full_kernel_epochs=1).on_fit_start(SimpleNamespace(current_epoch=0),
+                                                            nn.Sequential(cost_slot("c12d")))

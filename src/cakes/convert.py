@@ -65,7 +65,7 @@ def read_authors_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], bool, 
     prefixed = [k.startswith("module.") for k in data]
     if any(prefixed) and not all(prefixed):
         raise ValueError(f"{path}: some keys start with 'module.' and some do not, e.g. "
-                         f"{[k for k, p in zip(data, prefixed) if not p][:3]}")
+                         f"{[k for k, p in zip(data, prefixed, strict=True) if not p][:3]}")
     return {k.removeprefix("module."): v for k, v in data.items()}, all(prefixed), entries
 
 
@@ -144,7 +144,7 @@ def authors_to_ours(state: Mapping[str, Tensor], net: nn.Module, arch: Arch, sou
     if problems:
         raise ValueError(f"{source} does not fit the network of this arch (keys without 'module.'):\n  "
                          + "\n  ".join(problems))
-    return {ours: state[a] for ours, a in zip(own, theirs)}
+    return {ours: state[a] for ours, a in zip(own, theirs, strict=True)}
 
 
 def _save(checkpoint: Mapping[str, Any], path: Path) -> None:

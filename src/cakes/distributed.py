@@ -39,9 +39,7 @@ def positive_int(value: Any, field: str, *, optional: bool = False) -> int | Non
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif (isinstance(value, float) and value.is_integer()) or (isinstance(value, str) and value.strip().isdigit()):
         number = int(value)
     if number is None or number < 1:
         raise BatchSizeError(f"{field}: expected a positive integer{' (or null)' if optional else ''}, got {value!r}")

@@ -92,7 +92,7 @@ def inherited_state(derived: nn.Module, supernet: nn.Module) -> dict[str, Tensor
         out[f"{path}.norm.num_batches_tracked"] = state[f"{path}.norm.num_batches_tracked"]
         columns = torch.cat([groups[name]["columns"] for name in order])
         out[f"{next_conv}.weight"] = state[f"{next_conv}.weight"][:, columns.to(state[f"{next_conv}.weight"].device)]
-    for key, value in derived.state_dict().items():
+    for key in derived.state_dict():
         if key not in out and key in state:
             out[key] = state[key]
     return out

@@ -7,12 +7,13 @@
 Every model × seed is one ``train.py`` / ``search.py`` run in ``<out>/runs/<model>/seed<S>`` (its
 console output in ``<out>/logs/``); a found architecture is retrained from the yaml its own search
 wrote into its run directory (starting from that search's last checkpoint when the track says
-``retrain_init: supernet``, as the demo searches' printed retrain commands do). A run whose ``metrics.json`` exists is never run again — its metrics
-are read back — and an interrupted one continues with ``resume=auto``. The report
-(``<out>/report.md``, ``report.json``, ``report.png``: the metric against GMACs per view with ±1 sd
-error bars and the Pareto front) is rewritten after every run, so it is readable while the sweep
-goes on. Runs go seed by seed, so a stopped report holds whole seeds. Exit status 1 if a run failed
-(the others still run; a failed search skips its retrain).
+``retrain_init: supernet``, as the demo searches' printed retrain commands do). A run whose
+``metrics.json`` exists is never run again — its metrics are read back — and an interrupted one
+continues with ``resume=auto``. The report (``<out>/report.md``, ``report.json``, ``report.png``:
+the metric against GMACs per view with ±1 sd error bars and the Pareto front) is rewritten after
+every run, so it is readable while the sweep goes on. Runs go seed by seed, so a stopped report
+holds whole seeds. Exit status 1 if a run failed (the others still run; a failed search skips its
+retrain).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def plan(cfg: DictConfig) -> list[Run]:
     for mode, overrides in track.searches.items():
         for lasso in track.lasso if mode == "cost" else [None]:
             label = f"found {mode}" + (f" s={lasso:g}" if lasso is not None else "")
-            models.append((label, "search", "search.py", list(overrides) + ([f"search.lasso={lasso}"] if lasso else [])))
+            lasso_override = [f"search.lasso={lasso}"] if lasso else []
+            models.append((label, "search", "search.py", list(overrides) + lasso_override))
     labels = [m[0] for m in models]
     known = set(labels) | {slug(label) for label in labels}
     unknown = [name for name in cfg.only if name not in known]

@@ -189,9 +189,10 @@ class C2FNAS(nn.Module):
         at least :data:`MIN_INPUT_SIZE` (checked before the network runs)."""
         sizes = [int(s) for s in spatial]
         if len(sizes) != 3 or any(s % 16 or s < cls.MIN_INPUT_SIZE for s in sizes):
+            fitting = [max(cls.MIN_INPUT_SIZE, -(-s // 16) * 16) for s in sizes]
             raise ValueError(f"{source} {sizes}: C2FNAS needs three sizes, each a multiple of 16 and at least "
                              f"{cls.MIN_INPUT_SIZE} (its deepest level is 1/16 of the input; its instance norms need "
-                             f"more than one voxel there), e.g. {[max(cls.MIN_INPUT_SIZE, -(-s // 16) * 16) for s in sizes]}")
+                             f"more than one voxel there), e.g. {fitting}")
 
     @staticmethod
     def slots(*, width: float = 1.0) -> dict[str, int]:

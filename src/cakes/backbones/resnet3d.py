@@ -208,86 +208,120 @@ class ResNet3d(nn.Module):
         widened slot is tiled along its input. The 1000-way fc is dropped. Every source key must
         be used and fit, else ``ValueError`` naming the keys.
         """
-        if isinstance(source, (str, Path)):
-            path = Path(source)
-            if not path.is_file():
-                raise FileNotFoundError(f"ImageNet weights not found: {path} (set backbone.pretrained to a local file)")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if "state_dict" in state and isinstance(state["state_dict"], Mapping):
-                state = state["state_dict"]
-        else:
-            state = dict(source)
-        state = {k.removeprefix("module."): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-        report = InflationReport()
-        own = dict(self.named_parameters()) | dict(self.named_buffers())
-        fed: set[str] = set()
-        unused = set(state)
-        problems: list[str] = []
-
-        def take(key: str) -> Tensor:
-            unused.discard(key)
-            report.loaded.append(key)
-            return state[key]
-
-        def copy_into(target: str, value: Tensor) -> None:
-            if target not in own:
-                problems.append(f"{target}: no such tensor in the model")
-                return
-            if own[target].shape != value.shape:
-                problems.append(f"{target}: model {tuple(own[target].shape)} vs source {tuple(value.shape)}")
-                return
-            with torch.no_grad():
-                own[target].copy_(value)
-            fed.add(target)
-
-        def bn_state(prefix: str) -> dict[str, Tensor]:
-            return {n: take(f"{prefix}.{n}") for n in BN_KEYS if f"{prefix}.{n}" in state}
-
+        inflation = ImageNetInflation(read_2d_state(source), self)
         slots: list[str] = []
         for name, module in self.named_modules():
             if any(name.startswith(f"{slot}.") for slot in slots):
                 continue  # inside a slot: the slot loads it
-            if isinstance(module, nn.Conv3d) and f"{name}.weight" in state:
-                w = take(f"{name}.weight")
-                if w.dim() == 4:
-                    w = w.unsqueeze(2)
-                times = module.in_channels // w.shape[1] if w.shape[1] else 1
-                if times > 1 and module.in_channels == times * w.shape[1]:
-                    w = tile_input_channels(w, times)  # aggregating conv after a widened supernet slot
-                copy_into(f"{name}.weight", w)
-            elif isinstance(module, nn.BatchNorm3d) and f"{name}.weight" in state:
-                for key, value in bn_state(name).items():
-                    copy_into(f"{name}.{key}", value)
+            if isinstance(module, nn.Conv3d) and f"{name}.weight" in inflation.state:
+                inflation.load_conv(name, module)
+            elif isinstance(module, nn.BatchNorm3d) and f"{name}.weight" in inflation.state:
+                inflation.load_norm(name)
             elif hasattr(module, "inflate_from_2d"):  # a slot: its conv and its BN, every key of both
                 slots.append(name)
-                bn_prefix = re.sub(r"conv(\d+)$", r"bn\1", name)
-                if bn_prefix == name:
-                    problems.append(f"{name}: no matching BN in the source for this slot")
-                    continue
-                needed = [f"{name}.weight", *(f"{bn_prefix}.{n}" for n in BN_KEYS)]
-                missing = [k for k in needed if k not in state]
-                if missing:
-                    problems.append(f"slot {name}: source keys missing: {missing}")
-                    unused.difference_update(needed)  # named here, not again as "not used"
-                    continue
-                try:
-                    loaded = module.inflate_from_2d(take(f"{name}.weight"), bn_state(bn_prefix))
-                except (ValueError, RuntimeError) as err:
-                    problems.append(f"{name}: {err}")
-                    continue
-                fed.update(f"{name}.{k}" for k in loaded)
+                inflation.load_slot(name, module)
+        return inflation.finish(slots)
+
+
+def read_2d_state(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision-format 2D state dict from a local file (``state_dict`` entry unwrapped) or a
+    mapping, without ``module.`` prefixes and ``num_batches_tracked`` entries."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"ImageNet weights not found: {path} (set backbone.pretrained to a local file)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]
+    else:
+        state = dict(source)
+    return {k.removeprefix("module."): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+class ImageNetInflation:
+    """One ImageNet initialisation of a network in progress: which source keys were used, which
+    model tensors were fed, and the problems found (raised together by :meth:`finish`)."""
+
+    def __init__(self, state: dict[str, Tensor], net: nn.Module) -> None:
+        self.state, self.net = state, net
+        self.report = InflationReport()
+        self.own = dict(net.named_parameters()) | dict(net.named_buffers())
+        self.fed: set[str] = set()
+        self.unused = set(state)
+        self.problems: list[str] = []
+
+    def take(self, key: str) -> Tensor:
+        """The source tensor ``key``, marked as used."""
+        self.unused.discard(key)
+        self.report.loaded.append(key)
+        return self.state[key]
+
+    def copy_into(self, target: str, value: Tensor) -> None:
+        """Copy ``value`` into the model tensor ``target`` (a problem if absent or of another shape)."""
+        if target not in self.own:
+            self.problems.append(f"{target}: no such tensor in the model")
+            return
+        if self.own[target].shape != value.shape:
+            self.problems.append(f"{target}: model {tuple(self.own[target].shape)} vs source {tuple(value.shape)}")
+            return
+        with torch.no_grad():
+            self.own[target].copy_(value)
+        self.fed.add(target)
+
+    def norm_state(self, prefix: str) -> dict[str, Tensor]:
+        """The source BN tensors under ``prefix`` (``weight``, ``bias``, running statistics)."""
+        return {n: self.take(f"{prefix}.{n}") for n in BN_KEYS if f"{prefix}.{n}" in self.state}
+
+    def load_conv(self, name: str, module: nn.Conv3d) -> None:
+        """A 2D conv ``(out, in, k, k)`` as ``(out, in, 1, k, k)``; tiled along its input when it
+        aggregates a widened supernet slot."""
+        w = self.take(f"{name}.weight")
+        if w.dim() == 4:
+            w = w.unsqueeze(2)
+        times = module.in_channels // w.shape[1] if w.shape[1] else 1
+        if times > 1 and module.in_channels == times * w.shape[1]:
+            w = tile_input_channels(w, times)  # aggregating conv after a widened supernet slot
+        self.copy_into(f"{name}.weight", w)
+
+    def load_norm(self, name: str) -> None:
+        for key, value in self.norm_state(name).items():
+            self.copy_into(f"{name}.{key}", value)
+
+    def load_slot(self, name: str, slot: nn.Module) -> None:
+        """A slot inflates its conv from the 2D conv of the same name and loads the matching BN
+        (``conv2`` -> ``bn2``) through its ``inflate_from_2d`` hook."""
+        bn_prefix = re.sub(r"conv(\d+)$", r"bn\1", name)
+        if bn_prefix == name:
+            self.problems.append(f"{name}: no matching BN in the source for this slot")
+            return
+        needed = [f"{name}.weight", *(f"{bn_prefix}.{n}" for n in BN_KEYS)]
+        missing = [k for k in needed if k not in self.state]
+        if missing:
+            self.problems.append(f"slot {name}: source keys missing: {missing}")
+            self.unused.difference_update(needed)  # named here, not again as "not used"
+            return
+        try:
+            loaded = slot.inflate_from_2d(self.take(f"{name}.weight"), self.norm_state(bn_prefix))
+        except (ValueError, RuntimeError) as err:
+            self.problems.append(f"{name}: {err}")
+            return
+        self.fed.update(f"{name}.{k}" for k in loaded)
+
+    def finish(self, slots: list[str]) -> InflationReport:
+        """The report, once every model tensor outside ``fc`` was fed and every source key but the
+        1000-way ``fc`` used; else ``ValueError`` listing every problem."""
         slot_prefixes = tuple(f"{n}." for n in slots)
-        not_fed = [k for k in own if k not in fed and not k.startswith(("fc.", *slot_prefixes))
+        not_fed = [k for k in self.own if k not in self.fed and not k.startswith(("fc.", *slot_prefixes))
                    and not k.endswith("num_batches_tracked")]
         if not_fed:
-            problems.append(f"model tensors missing from the source: {not_fed}")
+            self.problems.append(f"model tensors missing from the source: {not_fed}")
         for key in ("fc.weight", "fc.bias"):
-            if key in unused:
-                unused.discard(key)
-                report.dropped.append(key)
-        if unused:
-            problems.append(f"source keys not used: {sorted(unused)}")
-        if problems:
-            raise ValueError("ImageNet initialisation failed:\n  " + "\n  ".join(problems))
-        report.random_init = [k for k, _ in self.named_parameters() if k not in fed]
-        return report
+            if key in self.unused:
+                self.unused.discard(key)
+                self.report.dropped.append(key)
+        if self.unused:
+            self.problems.append(f"source keys not used: {sorted(self.unused)}")
+        if self.problems:
+            raise ValueError("ImageNet initialisation failed:\n  " + "\n  ".join(self.problems))
+        self.report.random_init = [k for k, _ in self.net.named_parameters() if k not in self.fed]
+        return self.report

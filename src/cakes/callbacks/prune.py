@@ -62,7 +62,7 @@ def plot_arch(arch: Arch, path: Path, title: str = "") -> Path:
     for sub in subkernels:
         frac = [arch.layers[n].get(sub, 0) / max(1, sum(arch.layers[n].values())) for n in names]
         ax.bar(range(len(names)), frac, bottom=bottom, label=sub, width=0.8)
-        bottom = [b + f for b, f in zip(bottom, frac)]
+        bottom = [b + f for b, f in zip(bottom, frac, strict=True)]
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("fraction of channels")
     ax.set_ylim(0, 1)

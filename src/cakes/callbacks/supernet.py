@@ -62,11 +62,12 @@ class SupernetCallback(pl.Callback):
             unfit = [s for s in slots if s.full_op is None]
             if unfit:
                 slot = unfit[0]
-                shared = f", shared_kernel={slot.shared_kernel}" if isinstance(slot, PerformancePrioritySlot) else ""
-                raise ValueError(f"search.full_kernel_epochs={self.full_kernel_epochs} needs the full kernel (3x3x3) in "
-                                 f"the op set, and search.shared_kernel=true for performance-priority slots: layer "
-                                 f"{slot.layer!r} (op set {slot.op_set.name}{shared}); or turn the warm-up off with "
-                                 f"search.full_kernel_epochs=0")
+                performance_slot = isinstance(slot, PerformancePrioritySlot)
+                shared = f", shared_kernel={slot.shared_kernel}" if performance_slot else ""
+                raise ValueError(f"search.full_kernel_epochs={self.full_kernel_epochs} needs the full kernel "
+                                 f"(3x3x3) in the op set, and search.shared_kernel=true for performance-priority "
+                                 f"slots: layer {slot.layer!r} (op set {slot.op_set.name}{shared}); or turn the "
+                                 f"warm-up off with search.full_kernel_epochs=0")
         self._samplers = list({id(s.sampler): s.sampler for s in performance}.values())
         self._cost_slots = cost
         self._set_full_kernel(trainer.current_epoch)  # also right for a resumed fit's first validation

@@ -1,6 +1,7 @@
-"""What the video and the volumetric LightningModules share: the network built from its config
-(:func:`cakes.builders.build_network`), the optimiser with decay-free norms and biases, linear lr scaling by the global batch,
-self-describing checkpoints, and the model's params/MACs logged at the start of a run."""
+"""What the video and the volumetric LightningModules share: the network built from its
+config (:func:`cakes.builders.build_network`), the optimiser with decay-free norms and biases,
+linear lr scaling by the global batch, self-describing checkpoints, and the model's params/MACs
+logged at the start of a run."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class CakesModule(pl.LightningModule):
     def global_batch_size(self) -> int:
         """Per-device batch × devices × nodes × gradient accumulation."""
         datamodule = self.trainer.datamodule
-        per_device = int(getattr(datamodule, "batch_size"))
+        per_device = int(datamodule.batch_size)
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def scaled_lr(self) -> float:

@@ -245,7 +245,7 @@ class VolumeSegmentationModule(CakesModule):
             "protocol": protocol,
             "metrics": metrics,
             "cases": {case: {n: (None if torch.isnan(d[r]) else float(d[r])) for r, n in enumerate(names)}
-                      for case, d in zip(cases, dsc)},
+                      for case, d in zip(cases, dsc, strict=True)},
         }
         from cakes.files import write_atomic
 
