@@ -11,7 +11,10 @@ name and resolve ``${...}`` interpolations inside the data (arch files are data)
 
 To add a backbone or operator factory of your own, put it under ``cakes.`` and add its
 ``_target_`` (as the configs spell it; both spellings if it is also re-exported) to
-:data:`NETWORK_BUILDERS`.
+:data:`NETWORK_BUILDERS`; a backbone follows the contract of :mod:`cakes.backbones.base`.
+
+:func:`build_network` is the entry point for a network config (ImageNet path optionally dropped),
+:func:`build_model` for a run's LightningModule (whose ``net`` is built the same way).
 """
 
 from __future__ import annotations

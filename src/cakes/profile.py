@@ -149,7 +149,7 @@ def profile(module: nn.Module, input_shape: Sequence[int], views: int = 1, depth
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cakes.profile <overrides>``: compose the train config with the same overrides
-    as ``train.py`` (from the same ``conf/``: :func:`cakes.config.conf_dir`), build the model on the
+    as ``train.py`` (from the same ``conf/``: :func:`cakes.utils.conf_dir`), build the model on the
     meta device (no data, no weights) and print a table followed by one JSON line with ``params``,
     ``macs`` and ``input_shape``. A config that cannot be used (a bad arch, a mistyped override) is
     one line on stderr and exit status 2."""
