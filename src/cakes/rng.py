@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def capture_rng_states() -> dict[str, Any]:
+    """This process's RNG states ``{"python", "numpy", "torch"[, "cuda"]}`` as plain data (numpy's
+    key as an int64 tensor; CUDA only once CUDA is initialised)."""
     version, state, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     states: dict[str, Any] = {
@@ -29,6 +31,8 @@ def capture_rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the generators found in ``states`` (from :func:`capture_rng_states`); CUDA states that do
+    not fit this machine's devices are skipped with a warning."""
     if "python" in states:
         py = states["python"]
         random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
