@@ -11,6 +11,8 @@ factory for every slot with the norm it uses::
 
 The backbone never knows which sub-kernels are inside; it only reads ``slot.out_channels`` to size
 what follows, and calls ``slot.inflate_from_2d(weight, norm_state)`` for ImageNet initialisation.
+The whole contract on the backbone's side (binding and recording through a ``SlotBuilder``) is
+written in :mod:`cakes.backbones.base`.
 """
 
 from __future__ import annotations
