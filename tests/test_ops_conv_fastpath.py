@@ -1,4 +1,4 @@
-"""The CPU fast path of ``CakesConv3d`` (``cakes.ops.functional.cakes_conv3d``) against the dense form.
+"""The CPU fast path of ``CakesConv3d`` (``cakes.ops.cpu.function.cakes_conv3d``) against the dense form.
 
 Every case compares values and gradients (input, every group's weight, bias) with
 ``F.conv3d(x, op.to_dense(), stride, padding=k // 2)``, whose gradients reach the same parameters
@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cakes.ops import OP_SETS, CakesConv3d, SubKernel, plan
-from cakes.ops.functional import cakes_conv3d
+from cakes.ops.cpu.function import cakes_conv3d
 
 STRIDES = [1, (1, 2, 2), 2]
 ALL_SUBKERNELS = ["3x3x3", "1x3x3", "3x1x3", "3x3x1", "3x1x1", "1x3x1", "1x1x3", "1x1x1"]
@@ -47,7 +47,7 @@ def compare(op: CakesConv3d, x: torch.Tensor, atol: float = 1e-5, grad_layout=No
     x = x.detach().requires_grad_(True)
     params = [x, *op.parameters()]
     y = op(x)
-    assert y.grad_fn is not None and y.grad_fn.name() == "_CakesConvCPUBackward"
+    assert y.grad_fn is not None and y.grad_fn.name() == "CakesConvCPUBackward"
     ref = dense_reference(op, x)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref, atol=atol, rtol=1e-5)
@@ -199,10 +199,10 @@ def test_torch_func_transforms_use_the_plain_path():
 
 
 def test_block_fill_moves_contained_channels_into_the_previous_convolution():
-    from cakes.ops.functional import _units
+    from cakes.ops.cpu.units import plan_units
 
     subs = [SubKernel.parse(n) for n in ("3x3x3", "1x3x3", "3x1x1")]
-    units = _units(subs, [21, 21, 22], (1, 1, 1), 16)
+    units = plan_units(subs, [21, 21, 22], (1, 1, 1), 16)
     assert [(u.start, u.stop, u.parts) for u in units] == [
         (0, 32, ((0, 0, 21), (1, 0, 11))),  # 11 of the 1x3x3 channels fill the 3x3x3 block
         (32, 42, ((1, 11, 21),)),
@@ -211,8 +211,8 @@ def test_block_fill_moves_contained_channels_into_the_previous_convolution():
     assert units[2].matmul
     # a matrix-product group partly absorbed, and a group absorbed whole
     subs = [SubKernel.parse(n) for n in ("3x3x1", "3x1x1", "1x1x1")]
-    assert [u.parts for u in _units(subs, [3, 30, 2], (1, 1, 1), 16)] == [((0, 0, 3), (1, 0, 13)), ((1, 13, 30),), ((2, 0, 2),)]
-    assert [u.parts for u in _units(subs, [3, 4, 2], (1, 1, 1), 16)] == [((0, 0, 3), (1, 0, 4)), ((2, 0, 2),)]
+    assert [u.parts for u in plan_units(subs, [3, 30, 2], (1, 1, 1), 16)] == [((0, 0, 3), (1, 0, 13)), ((1, 13, 30),), ((2, 0, 2),)]
+    assert [u.parts for u in plan_units(subs, [3, 4, 2], (1, 1, 1), 16)] == [((0, 0, 3), (1, 0, 4)), ((2, 0, 2),)]
     torch.manual_seed(6)
     for counts in ({"3x3x3": 21, "1x3x3": 21, "3x1x1": 22}, {"3x3x1": 3, "3x1x1": 30, "1x1x1": 2}):
         for stride in STRIDES:
@@ -229,7 +229,7 @@ def test_double_backward_through_the_fast_path():
         (gx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
         results.append(torch.autograd.grad(gx.square().sum(), [x, *op.parameters()]))
         if forward is op:
-            assert y.grad_fn.name() == "_CakesConvCPUBackward"
+            assert y.grad_fn.name() == "CakesConvCPUBackward"
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
@@ -278,14 +278,13 @@ def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_la
     accumulating oneDNN forward convolution reading the output-gradient channels in place; with that
     op unavailable the per-group ``convolution_backward`` path gives the same gradients. Backward
     twice (retain_graph)."""
-    from cakes.ops import functional
+    from cakes.ops.cpu import backward, torch_shim
 
-    assert functional._conv_add is not None, "this PyTorch build should provide mkldnn._convolution_pointwise_"
+    assert torch_shim.convolution_add_ is not None, "this PyTorch build should provide mkldnn._convolution_pointwise_"
     calls, adds = [], []
-    input_grad, conv_add = functional._input_grad, functional._conv_add
-    monkeypatch.setattr(functional, "_input_grad", lambda *args: calls.append(args[3].name) or input_grad(*args))
-    spy = type("Spy", (), {"binary": staticmethod(lambda gx, gy, *rest: adds.append(gy.shape[1]) or conv_add.binary(gx, gy, *rest))})
-    monkeypatch.setattr(functional, "_conv_add", spy)
+    input_grad, conv_add = backward.accumulate_input_grad, torch_shim.convolution_add_
+    monkeypatch.setattr(backward, "accumulate_input_grad", lambda *args: calls.append(args[3].name) or input_grad(*args))
+    monkeypatch.setattr(torch_shim, "convolution_add_", lambda acc, gy, *rest: adds.append(gy.shape[1]) or conv_add(acc, gy, *rest))
     torch.manual_seed(8)
     op = CakesConv3d(6, {"3x3x3": 19, "1x3x3": 20, "3x1x1": 21}, bias=True)
     x = torch.randn(2, 6, 4, 5, 6)
@@ -303,23 +302,23 @@ def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_la
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     calls.clear()
     adds.clear()
-    monkeypatch.setattr(functional, "_conv_add", None)
+    monkeypatch.setattr(torch_shim, "convolution_add_", None)
     compare(op, x)
     assert calls == ["3x3x3", "1x3x3"] and adds == []  # kx1x1: matrix products; the rest summed
 
 
 def test_conv_views_of_unit_axes():
     """Which channels-last convolutions run as 2-D ones, and that their views share memory and invert."""
-    from cakes.ops.functional import _ConvView
+    from cakes.ops.cpu.views import ConvView
 
     x = torch.randn(2, 6, 4, 5, 3).contiguous(memory_format=CL)
-    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 2, 2), x) == _ConvView("frames", [2, 2], [1, 1])
-    assert _ConvView.of(SubKernel.parse("3x1x1"), (2, 1, 1), x) == _ConvView("pixels", [2, 1], [1, 0])
+    assert ConvView.of(SubKernel.parse("1x3x3"), (1, 2, 2), x) == ConvView("frames", [2, 2], [1, 1])
+    assert ConvView.of(SubKernel.parse("3x1x1"), (2, 1, 1), x) == ConvView("pixels", [2, 1], [1, 0])
     for name, stride in [("1x3x3", (2, 1, 1)), ("3x1x1", (1, 2, 2)), ("3x3x3", (1, 1, 1)), ("3x1x3", (1, 1, 1))]:
-        assert _ConvView.of(SubKernel.parse(name), stride, x).kind == "3d"
-    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.contiguous()).kind == "3d"  # NCDHW
-    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.double()).kind == "3d"  # no oneDNN for float64
-    for view in (_ConvView("frames", [1, 1], [1, 1]), _ConvView("pixels", [1, 1], [1, 0])):
+        assert ConvView.of(SubKernel.parse(name), stride, x).kind == "3d"
+    assert ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.contiguous()).kind == "3d"  # NCDHW
+    assert ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.double()).kind == "3d"  # no oneDNN for float64
+    for view in (ConvView("frames", [1, 1], [1, 1]), ConvView("pixels", [1, 1], [1, 0])):
         for t in (x, x[:, 2:5]):  # a channel slice has the views too
             v = view.view(t)
             assert v.dim() == 4 and v.data_ptr() == t.data_ptr()

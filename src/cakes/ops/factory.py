@@ -22,9 +22,8 @@ from torch import Tensor, nn
 
 from cakes import arch as arch_io  # module import: cakes.arch itself imports cakes.ops.subkernel
 from cakes.ops.conv import CakesConv3d
-from cakes.ops.functional import Stride
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d
-from cakes.ops.subkernel import OpSet, resolve_op_set
+from cakes.ops.subkernel import OpSet, Stride, resolve_op_set
 
 if TYPE_CHECKING:
     from cakes.arch import Arch
