@@ -151,3 +151,16 @@ def test_shim_failures_disable_the_fast_path(monkeypatch, caplog):
     plan.configure("benchmark")
     weights = [op.weights[sub.name] for sub in op.subkernels]
     assert plan.choose(x, weights, op.subkernels, op.stride, None, 3) == "fused"
+
+
+@pytest.mark.slow
+def test_ops_benchmark_ab_times_the_fast_path_on_and_off(capsys):
+    from test_benchmarks import load, table_rows
+
+    load("ops").main(["--only", "res5", "--splits", "thirds", "--layouts", "channels_last", "--reps", "1",
+                      "--warmup", "0", "--batch", "1", "--ab"])
+    out = capsys.readouterr().out
+    assert "conv plan fused, fast path on" in out
+    (_, ab) = table_rows(out)
+    on, off, ratio = (float(v) for v in ab[3:6])
+    assert on > 0 and off > 0 and ratio == pytest.approx(on / off, abs=0.05 / off * (1 + on / off) + 5e-4)
