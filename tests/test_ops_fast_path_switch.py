@@ -131,14 +131,39 @@ def test_shim_checks_pass_on_the_pinned_torch():
     torch.testing.assert_close(acc, want)
 
 
+def test_shim_checks_pass_whatever_the_context_at_import():
+    """Imported under a default meta device, float64, inference mode and a FLOP counter, the probes
+    still run on float32 CPU tensors and pass."""
+    code = (
+        "import torch; from torch.utils.flop_counter import FlopCounterMode; torch.set_default_dtype(torch.float64)\n"
+        "with torch.device('meta'), torch.inference_mode(), FlopCounterMode(display=False):\n"
+        "    from cakes.ops.cpu import torch_shim\n"
+        "print(torch_shim.SUPPORTED, torch_shim.convolution_add_ is not None)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[-2] == "True True" and "disabled" not in done.stderr
+
+
 def test_shim_failures_disable_the_fast_path(monkeypatch, caplog):
     """A failing probe is reported (no exception); without support every call runs the reference
     form and plans treat every call as traced (closed-form ``fused``)."""
     with monkeypatch.context() as patch:
         patch.setattr(torch_shim, "_probe_convolution_backward", lambda: "convolution_backward is broken")
         assert torch_shim._check() == "convolution_backward is broken"
+    with monkeypatch.context() as patch:
         patch.setattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
-        assert "expected (0, None)" in torch_shim._probe_dispatch_checks()
+        assert "does not see a FLOP counter" in torch_shim._probe_dispatch_checks()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+        assert "does not see a vmap transform" in torch_shim._probe_dispatch_checks()
+    with monkeypatch.context() as patch:
+
+        def missing_kernel(*args):
+            raise RuntimeError("no kernel")
+
+        patch.setattr(torch.ops.aten, "convolution_backward", missing_kernel)
+        assert "convolution_backward failed" in torch_shim._probe_convolution_backward()
     with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger=torch_shim.__name__):
         patch.setattr(torch_shim, "_torch_minor", lambda: (9, 9))
         assert torch_shim._check() is None

@@ -10,10 +10,11 @@ oneDNN, as before this module existed): if it is missing or fails its check,
 torch other than the tested minor version (:data:`TESTED_TORCH`) logs a warning; the probes
 decide what runs.
 
-Entry points and what is checked (tiny fixed tensors, no random numbers):
+Entry points and what is checked (tiny fixed float32 CPU tensors, no random numbers, whatever the
+default device, dtype or grad mode at import):
 
-* ``torch._C._len_torch_dispatch_stack`` — an int, 0 outside any ``TorchDispatchMode``;
-* ``torch._C._functorch.peek_interpreter_stack`` — ``None`` outside ``torch.func`` transforms;
+* ``torch._C._len_torch_dispatch_stack`` — an int that grows inside a ``FlopCounterMode``;
+* ``torch._C._functorch.peek_interpreter_stack`` — not ``None`` inside ``torch.func.vmap``;
 * ``torch.ops.aten.convolution_backward`` — the input and weight gradients of a small convolution
   equal autograd's;
 * ``torch.ops.mkldnn._convolution_pointwise_.binary`` (``"add"``) — adds a small convolution into
@@ -23,11 +24,13 @@ Entry points and what is checked (tiny fixed tensors, no random numbers):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +43,51 @@ def _torch_minor() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def _probe_tensor(*shape: int, scale: float = 1.0) -> Tensor:
+    """``arange`` values of ``shape`` as float32 on CPU, whatever the default device or dtype at import."""
+    return (torch.arange(math.prod(shape), dtype=torch.float32, device="cpu") * scale).view(*shape)
+
+
+def _probe_ones(*shape: int) -> Tensor:
+    """Ones of ``shape`` as float32 on CPU (see :func:`_probe_tensor`)."""
+    return torch.ones(shape, dtype=torch.float32, device="cpu")
+
+
 def _probe_dispatch_checks() -> str | None:
-    """Why the dispatch-mode / transform checks are unusable, or ``None``."""
+    """Why the dispatch-mode / transform checks are unusable, or ``None``: the dispatch stack grows inside
+    a FLOP counter (a ``TorchDispatchMode``), and the functorch interpreter stack is set inside ``vmap``."""
+    inside: list[object] = []
+
+    def peek(t: Tensor) -> Tensor:
+        inside.append(torch._C._functorch.peek_interpreter_stack())
+        return t
+
     try:
-        depth = torch._C._len_torch_dispatch_stack()
-        interpreter = torch._C._functorch.peek_interpreter_stack()
+        outside = torch._C._len_torch_dispatch_stack()
+        with FlopCounterMode(display=False):
+            counted = torch._C._len_torch_dispatch_stack()
+        torch.func.vmap(peek)(_probe_tensor(2))
     except (AttributeError, RuntimeError, TypeError) as error:
         return f"torch._C dispatch/functorch stack checks failed: {error!r}"
-    if not isinstance(depth, int) or depth != 0 or interpreter is not None:
-        return f"torch._C stack checks answered ({depth!r}, {interpreter!r}) outside any mode; expected (0, None)"
+    if not (isinstance(outside, int) and isinstance(counted, int) and counted > outside):
+        return f"torch._C._len_torch_dispatch_stack does not see a FLOP counter ({outside!r} -> {counted!r})"
+    if not inside or inside[-1] is None:
+        return "torch._C._functorch.peek_interpreter_stack does not see a vmap transform"
     return None
 
 
 def _probe_convolution_backward() -> str | None:
     """Why ``aten.convolution_backward`` is unusable, or ``None``."""
-    x = torch.arange(24.0).view(1, 2, 3, 4).requires_grad_(True)
-    w = (torch.arange(12.0).view(2, 2, 1, 3) / 10).requires_grad_(True)
-    gy = torch.ones(1, 2, 3, 4)
+    x, w, gy = _probe_tensor(1, 2, 3, 4), _probe_tensor(2, 2, 1, 3, scale=0.1), _probe_ones(1, 2, 3, 4)
     try:
         gx, gw, _ = torch.ops.aten.convolution_backward(
-            gy, x.detach(), w.detach(), None, [1, 1], [0, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+            gy, x, w, None, [1, 1], [0, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
     except (AttributeError, RuntimeError, TypeError) as error:
         return f"torch.ops.aten.convolution_backward failed: {error!r}"
-    want_x, want_w = torch.autograd.grad(F.conv2d(x, w, padding=(0, 1)), [x, w], gy)
+    with torch.inference_mode(False), torch.enable_grad():
+        x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        want_x, want_w = torch.autograd.grad(F.conv2d(x, w, padding=(0, 1)), [x, w], gy)
     if not (torch.allclose(gx, want_x) and torch.allclose(gw, want_w)):
         return "torch.ops.aten.convolution_backward gradients differ from autograd's"
     return None
@@ -77,9 +101,7 @@ def _mkldnn_convolution_add_op() -> Callable | None:
     packet = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
     if packet is None:
         return None
-    x = torch.arange(12.0).view(1, 2, 2, 3)
-    w = torch.arange(12.0).view(2, 2, 1, 3) / 10
-    acc = torch.ones(1, 2, 2, 3)
+    x, w, acc = _probe_tensor(1, 2, 2, 3), _probe_tensor(2, 2, 1, 3, scale=0.1), _probe_ones(1, 2, 2, 3)
     want = F.conv2d(x, w, padding=(0, 1)) + 1
     try:
         out = packet.binary(acc, x, w, None, [0, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
