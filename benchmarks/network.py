@@ -23,6 +23,12 @@ the track in ONE process and interleaves them all (the "many models in one proce
     python benchmarks/network.py --track volume --shapes 64:1 96:1 --reps 3
     python benchmarks/network.py --only ssv1_cakes23d_c --modes eval --onnx
     python benchmarks/network.py --device cuda          # timed with CUDA events
+    python benchmarks/network.py --fast-path off        # CakesConv3d's CPU fast path off (A/B: run both)
+
+``--fast-path on|off`` switches ``CakesConv3d``'s CPU fast path (``cakes.ops.set_fast_path``) in
+every process; off, its ``fused`` execution is the reference per-group form. For an A/B of the fast
+path, run the same command with ``on`` and ``off`` (``CAKES_CONV_PLAN=fused`` pins the execution
+plan so both runs time the fused op).
 
 Writes ``<out>/network_<track>.md`` (table, settings, machine load) and ``network_<track>.png``
 (time ratio against MAC ratio, one point per architecture and shape, the diagonal "time = MACs"),
@@ -54,7 +60,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cakes.ops.arch import Arch, load_arch  # noqa: E402
 from cakes.backbones import C2FNAS, ResNet3d  # noqa: E402
-from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform  # noqa: E402
+from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform, fast_path_enabled, set_fast_path  # noqa: E402
 from cakes.profile import profile  # noqa: E402
 from cakes.files import write_atomic  # noqa: E402
 
@@ -306,9 +312,9 @@ def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
     labels = {"train": "training step", "eval": "inference", "onnx": "onnxruntime inference"}
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 5), squeeze=False)
     shapes = sorted({r.shape for r in rows})
-    markers = dict(zip(shapes, "os^Dv<>p"))
+    markers = dict(zip(shapes, "os^Dv<>p", strict=False))
     top = max([1.1] + [r.ratio(m) * 1.05 for r in rows for m in modes] + [r.mac_ratio * 1.05 for r in rows])
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[0], modes, strict=True):
         ax.plot([0, top], [0, top], "k--", lw=1, label="time = MACs")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="baseline time")
         for r in rows:
@@ -347,10 +353,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--one-process", action="store_true",
                         help="all networks of the track in this one process, interleaved (no pairing)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the markdown table, PNG and JSON")
+    parser.add_argument("--fast-path", choices=["on", "off"], default=None,
+                        help="switch CakesConv3d's CPU fast path (default: CAKES_FAST_PATH, else on)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fast_path is not None:
+        set_fast_path(args.fast_path == "on")  # also sets CAKES_FAST_PATH, which the workers inherit
     if args.onnx and "eval" not in args.modes:
         parser.error("--onnx times inference: keep 'eval' in --modes")
     if args.worker:  # child process of run_pair: time one pair, print the JSON
@@ -373,9 +383,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     specs = args.shapes or list(track.shapes)
     modes = [*args.modes, *(["onnx"] if args.onnx else [])]
     started = load_text()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{args.device}, {args.layout}, width {args.width}; {args.warmup} warm-up + {args.reps} interleaved reps, "
-          f"medians; load average {started}", flush=True)
+    fast = "on" if fast_path_enabled() else "off"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()},"
+          f" {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}; {args.warmup} warm-up + "
+          f"{args.reps} interleaved reps, medians; load average {started}", flush=True)
     rows: list[Row] = []
     raw: dict[str, Any] = {}
     for spec in specs:
@@ -387,12 +398,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
             pair = times if args.one_process else run_pair(args.track, arch, spec, args)
             raw[f"{spec} {arch}"] = pair
             ratio = macs(args.track, arch, args.width, args.found, shape) / base_macs
-            row = Row(args.track, spec, arch, ratio,
-                      {m: (statistics.median(pair[m][track.baseline]), statistics.median(pair[m][arch])) for m in modes})
+            medians = {m: (statistics.median(pair[m][track.baseline]), statistics.median(pair[m][arch])) for m in modes}
+            row = Row(args.track, spec, arch, ratio, medians)
             rows.append(row)
             print(table([row], modes).splitlines()[-1], flush=True)
     settings = (f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}, "
                 f"{args.device}, {args.layout}, {torch.get_num_threads()} threads, width {args.width}, "
+                f"CPU fast path {fast}, "
                 f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average at start {started}, "
                 f"at end {load_text()}")
     text = f"{settings}\n\n{table(rows, modes)}\n"
@@ -402,7 +414,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         write_atomic(args.out / f"network_{args.track}.md", text)
         write_atomic(args.out / f"network_{args.track}.json",
                      json.dumps({"settings": settings, "rows": [asdict(r) for r in rows], "times": raw}, indent=1))
-        plot(rows, modes, args.out / f"network_{args.track}.png", "ResNet-50 I3D" if args.track == "video" else "C2FNAS")
+        title = "ResNet-50 I3D" if args.track == "video" else "C2FNAS"
+        plot(rows, modes, args.out / f"network_{args.track}.png", title)
     return rows
 
 

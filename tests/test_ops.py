@@ -29,8 +29,8 @@ STRIDES = [1, (1, 2, 2), 2]
 def random_counts(op_set: str, total: int, rng: random.Random) -> dict[str, int]:
     names = list(OP_SETS[op_set].names)
     cuts = sorted(rng.randint(0, total) for _ in range(len(names) - 1))
-    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, total])]
-    return dict(zip(names, sizes))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+    return dict(zip(names, sizes, strict=True))
 
 
 # --- vocabulary -------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_cakes_conv_equals_dense_form(op_set, stride):
     ref = F.conv3d(x, op.to_dense(), op.bias, stride=stride, padding=1)
     grad = torch.randn_like(out)
     params = [x, *op.weights.values(), op.bias]
-    for a, b in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+    for a, b in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
@@ -159,7 +159,7 @@ def test_homogeneous_ops_with_different_widths(kind, stride):
     x = torch.randn(2, 6, 4, 8, 8)
     out = op(x)
     st = (stride,) * 3 if isinstance(stride, int) else stride
-    assert out.shape == (2, 9, *(math.ceil(n / s) for n, s in zip((4, 8, 8), st)))
+    assert out.shape == (2, 9, *(math.ceil(n / s) for n, s in zip((4, 8, 8), st, strict=True)))
     assert op.out_channels == 9
 
 

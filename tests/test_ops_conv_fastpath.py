@@ -1,4 +1,4 @@
-"""The CPU fast path of ``CakesConv3d`` (``cakes.ops.functional.cakes_conv3d``) against the dense form.
+"""The CPU fast path of ``CakesConv3d`` (``cakes.ops.cpu.function.cakes_conv3d``) against the dense form.
 
 Every case compares values and gradients (input, every group's weight, bias) with
 ``F.conv3d(x, op.to_dense(), stride, padding=k // 2)``, whose gradients reach the same parameters
@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cakes.ops import OP_SETS, CakesConv3d, SubKernel, plan
-from cakes.ops.functional import cakes_conv3d
+from cakes.ops.cpu.function import cakes_conv3d
 
 STRIDES = [1, (1, 2, 2), 2]
 ALL_SUBKERNELS = ["3x3x3", "1x3x3", "3x1x3", "3x3x1", "3x1x1", "1x3x1", "1x1x3", "1x1x1"]
@@ -34,8 +34,8 @@ def fused_execution(monkeypatch):
 
 def random_counts(names, total: int, rng: random.Random) -> dict[str, int]:
     cuts = sorted(rng.randint(0, total) for _ in range(len(names) - 1))
-    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, total])]
-    return dict(zip(names, sizes))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+    return dict(zip(names, sizes, strict=True))
 
 
 def dense_reference(op: CakesConv3d, x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def compare(op: CakesConv3d, x: torch.Tensor, atol: float = 1e-5, grad_layout=No
     x = x.detach().requires_grad_(True)
     params = [x, *op.parameters()]
     y = op(x)
-    assert y.grad_fn is not None and y.grad_fn.name() == "_CakesConvCPUBackward"
+    assert y.grad_fn is not None and y.grad_fn.name() == "CakesConvCPUBackward"
     ref = dense_reference(op, x)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref, atol=atol, rtol=1e-5)
@@ -56,7 +56,7 @@ def compare(op: CakesConv3d, x: torch.Tensor, atol: float = 1e-5, grad_layout=No
         gy = gy.contiguous(memory_format=grad_layout)
     got = torch.autograd.grad(y, params, gy)
     want = torch.autograd.grad(ref, params, gy)
-    for name, g, w in zip(["x", *(n for n, _ in op.named_parameters())], got, want):
+    for name, g, w in zip(["x", *(n for n, _ in op.named_parameters())], got, want, strict=True):
         torch.testing.assert_close(g, w, atol=atol, rtol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
     return y
 
@@ -125,7 +125,7 @@ def test_only_weights_or_only_input_require_grad():
     x = torch.randn(2, 3, 4, 6, 6)
     ref_grads = torch.autograd.grad(dense_reference(op, x).square().sum(), list(op.parameters()))
     grads = torch.autograd.grad(op(x).square().sum(), list(op.parameters()))
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
     op.requires_grad_(False)
     xg = x.clone().requires_grad_(True)
@@ -148,7 +148,9 @@ def test_no_grad_forward_and_float64(op_set):
     torch.testing.assert_close(op64(x.double()), dense_reference(op64, x.double()), atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("op_set, stride", [("c123d", 1), ("c123d", (1, 2, 2)), ("v123d", 2), ("c12d", 2), ("v1d", (1, 2, 2))])
+@pytest.mark.parametrize(
+    "op_set, stride", [("c123d", 1), ("c123d", (1, 2, 2)), ("v123d", 2), ("c12d", 2), ("v1d", (1, 2, 2))]
+)
 def test_gradcheck_float64(op_set, stride):
     torch.manual_seed(4)
     counts = {name: 1 + i % 2 for i, name in enumerate(OP_SETS[op_set].names)}
@@ -157,7 +159,7 @@ def test_gradcheck_float64(op_set, stride):
     x = torch.randn(1, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
 
     def fn(x, *params):
-        return torch.func.functional_call(op, dict(zip(names, params)), (x,))
+        return torch.func.functional_call(op, dict(zip(names, params, strict=True)), (x,))
 
     assert torch.autograd.gradcheck(fn, (x, *op.parameters()), eps=1e-6, atol=1e-7)
 
@@ -199,10 +201,10 @@ def test_torch_func_transforms_use_the_plain_path():
 
 
 def test_block_fill_moves_contained_channels_into_the_previous_convolution():
-    from cakes.ops.functional import _units
+    from cakes.ops.cpu.units import plan_units
 
     subs = [SubKernel.parse(n) for n in ("3x3x3", "1x3x3", "3x1x1")]
-    units = _units(subs, [21, 21, 22], (1, 1, 1), 16)
+    units = plan_units(subs, [21, 21, 22], (1, 1, 1), 16)
     assert [(u.start, u.stop, u.parts) for u in units] == [
         (0, 32, ((0, 0, 21), (1, 0, 11))),  # 11 of the 1x3x3 channels fill the 3x3x3 block
         (32, 42, ((1, 11, 21),)),
@@ -211,8 +213,12 @@ def test_block_fill_moves_contained_channels_into_the_previous_convolution():
     assert units[2].matmul
     # a matrix-product group partly absorbed, and a group absorbed whole
     subs = [SubKernel.parse(n) for n in ("3x3x1", "3x1x1", "1x1x1")]
-    assert [u.parts for u in _units(subs, [3, 30, 2], (1, 1, 1), 16)] == [((0, 0, 3), (1, 0, 13)), ((1, 13, 30),), ((2, 0, 2),)]
-    assert [u.parts for u in _units(subs, [3, 4, 2], (1, 1, 1), 16)] == [((0, 0, 3), (1, 0, 4)), ((2, 0, 2),)]
+    assert [u.parts for u in plan_units(subs, [3, 30, 2], (1, 1, 1), 16)] == [
+        ((0, 0, 3), (1, 0, 13)),
+        ((1, 13, 30),),
+        ((2, 0, 2),),
+    ]
+    assert [u.parts for u in plan_units(subs, [3, 4, 2], (1, 1, 1), 16)] == [((0, 0, 3), (1, 0, 4)), ((2, 0, 2),)]
     torch.manual_seed(6)
     for counts in ({"3x3x3": 21, "1x3x3": 21, "3x1x1": 22}, {"3x3x1": 3, "3x1x1": 30, "1x1x1": 2}):
         for stride in STRIDES:
@@ -229,8 +235,8 @@ def test_double_backward_through_the_fast_path():
         (gx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
         results.append(torch.autograd.grad(gx.square().sum(), [x, *op.parameters()]))
         if forward is op:
-            assert y.grad_fn.name() == "_CakesConvCPUBackward"
-    for got, want in zip(*results):
+            assert y.grad_fn.name() == "CakesConvCPUBackward"
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
@@ -258,7 +264,7 @@ def test_out_index_writes_rows_to_their_channels(channels_last, stride):
     gy = torch.randn(y.shape, generator=gen)
     grads = torch.autograd.grad(y, [x, op.bias, *weights], gy)
     ref_grads = torch.autograd.grad(ref, [x, op.bias, *weights], gy)
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # the no-grad forward and the plain path (taken under a dispatch mode) agree
         torch.testing.assert_close(cakes_conv3d(x, weights, subs, op.stride, op.bias, out_index=out_index), ref)
@@ -268,7 +274,7 @@ def test_out_index_writes_rows_to_their_channels(channels_last, stride):
     with FlopCounterMode(display=False):  # the plain path's gradients (inverse-permutation backward)
         plain = cakes_conv3d(x, weights, subs, op.stride, op.bias, out_index=out_index)
         plain_grads = torch.autograd.grad(plain, [x, op.bias, *weights], gy)
-    for got, want in zip(plain_grads, ref_grads):
+    for got, want in zip(plain_grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -278,14 +284,18 @@ def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_la
     accumulating oneDNN forward convolution reading the output-gradient channels in place; with that
     op unavailable the per-group ``convolution_backward`` path gives the same gradients. Backward
     twice (retain_graph)."""
-    from cakes.ops import functional
+    from cakes.ops.cpu import backward, torch_shim
 
-    assert functional._conv_add is not None, "this PyTorch build should provide mkldnn._convolution_pointwise_"
+    assert torch_shim.convolution_add_ is not None, "this PyTorch build should provide mkldnn._convolution_pointwise_"
     calls, adds = [], []
-    input_grad, conv_add = functional._input_grad, functional._conv_add
-    monkeypatch.setattr(functional, "_input_grad", lambda *args: calls.append(args[3].name) or input_grad(*args))
-    spy = type("Spy", (), {"binary": staticmethod(lambda gx, gy, *rest: adds.append(gy.shape[1]) or conv_add.binary(gx, gy, *rest))})
-    monkeypatch.setattr(functional, "_conv_add", spy)
+    input_grad, conv_add = backward.accumulate_input_grad, torch_shim.convolution_add_
+    monkeypatch.setattr(backward, "accumulate_input_grad", lambda *a: calls.append(a[3].name) or input_grad(*a))
+
+    def spy_add(acc, x, *rest):
+        adds.append(x.shape[1])  # the gradient channels a group adds
+        return conv_add(acc, x, *rest)
+
+    monkeypatch.setattr(torch_shim, "convolution_add_", spy_add)
     torch.manual_seed(8)
     op = CakesConv3d(6, {"3x3x3": 19, "1x3x3": 20, "3x1x1": 21}, bias=True)
     x = torch.randn(2, 6, 4, 5, 6)
@@ -299,27 +309,27 @@ def test_stride1_input_gradient_accumulates_in_onednn_and_without_it(channels_la
     gy = torch.randn_like(y)
     first = torch.autograd.grad(y, [x, *op.parameters()], gy, retain_graph=True)
     second = torch.autograd.grad(y, [x, *op.parameters()], gy)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     calls.clear()
     adds.clear()
-    monkeypatch.setattr(functional, "_conv_add", None)
+    monkeypatch.setattr(torch_shim, "convolution_add_", None)
     compare(op, x)
     assert calls == ["3x3x3", "1x3x3"] and adds == []  # kx1x1: matrix products; the rest summed
 
 
 def test_conv_views_of_unit_axes():
     """Which channels-last convolutions run as 2-D ones, and that their views share memory and invert."""
-    from cakes.ops.functional import _ConvView
+    from cakes.ops.cpu.views import ConvView
 
     x = torch.randn(2, 6, 4, 5, 3).contiguous(memory_format=CL)
-    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 2, 2), x) == _ConvView("frames", [2, 2], [1, 1])
-    assert _ConvView.of(SubKernel.parse("3x1x1"), (2, 1, 1), x) == _ConvView("pixels", [2, 1], [1, 0])
+    assert ConvView.of(SubKernel.parse("1x3x3"), (1, 2, 2), x) == ConvView("frames", [2, 2], [1, 1])
+    assert ConvView.of(SubKernel.parse("3x1x1"), (2, 1, 1), x) == ConvView("pixels", [2, 1], [1, 0])
     for name, stride in [("1x3x3", (2, 1, 1)), ("3x1x1", (1, 2, 2)), ("3x3x3", (1, 1, 1)), ("3x1x3", (1, 1, 1))]:
-        assert _ConvView.of(SubKernel.parse(name), stride, x).kind == "3d"
-    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.contiguous()).kind == "3d"  # NCDHW
-    assert _ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.double()).kind == "3d"  # no oneDNN for float64
-    for view in (_ConvView("frames", [1, 1], [1, 1]), _ConvView("pixels", [1, 1], [1, 0])):
+        assert ConvView.of(SubKernel.parse(name), stride, x).kind == "3d"
+    assert ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.contiguous()).kind == "3d"  # NCDHW
+    assert ConvView.of(SubKernel.parse("1x3x3"), (1, 1, 1), x.double()).kind == "3d"  # no oneDNN for float64
+    for view in (ConvView("frames", [1, 1], [1, 1]), ConvView("pixels", [1, 1], [1, 0])):
         for t in (x, x[:, 2:5]):  # a channel slice has the views too
             v = view.view(t)
             assert v.dim() == 4 and v.data_ptr() == t.data_ptr()

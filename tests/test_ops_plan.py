@@ -39,7 +39,7 @@ def check_contract(op: CakesConv3d, x: torch.Tensor, atol: float = 1e-5) -> None
     torch.testing.assert_close(y, ref, atol=atol, rtol=1e-5)
     gy = torch.randn_like(ref) * 0.1
     for name, g, w in zip(["x", *(n for n, _ in op.named_parameters())], torch.autograd.grad(y, params, gy),
-                          torch.autograd.grad(ref, params, gy)):
+                          torch.autograd.grad(ref, params, gy), strict=True):
         torch.testing.assert_close(g, w, atol=atol, rtol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
     with torch.no_grad():
         torch.testing.assert_close(op(x), ref, atol=atol, rtol=1e-5)
@@ -153,7 +153,8 @@ def test_configure_and_environment_variable_validate_the_mode():
     env = {**os.environ, plan.ENV_VAR: "bogus"}
     code = "import cakes.ops"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode != 0 and "environment variable CAKES_CONV_PLAN: unknown conv plan mode 'bogus'" in done.stderr
+    assert done.returncode != 0
+    assert "environment variable CAKES_CONV_PLAN: unknown conv plan mode 'bogus'" in done.stderr
     env[plan.ENV_VAR] = "Dense"
     done = subprocess.run([sys.executable, "-c", "from cakes.ops import plan; print(plan.mode())"], env=env,
                           capture_output=True, text=True, check=True)

@@ -1,6 +1,7 @@
 """The CAKES operator library shared by every backbone (video and volumetric)."""
 
 from cakes.ops.conv import CakesConv3d
+from cakes.ops.cpu.switch import fast_path, fast_path_enabled, set_fast_path
 from cakes.ops.factory import ConvNorm, Derived, Homogeneous, OperatorFactory, Uniform, uniform_counts
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d, SubKernelConv3d
 from cakes.ops.search import (
@@ -26,6 +27,9 @@ __all__ = [
     "search_slots",
     "CakesConv3d",
     "ConvNorm",
+    "fast_path",
+    "fast_path_enabled",
+    "set_fast_path",
     "Derived",
     "HOMOGENEOUS_OPS",
     "Homogeneous",

@@ -19,12 +19,11 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from cakes.ops import plan
-from cakes.ops.functional import Stride, as_triple, dense_weight
 from cakes.ops.inflate import inflate_2d_grouped
-from cakes.ops.subkernel import SubKernel, parse_counts
+from cakes.ops.reference import dense_weight
+from cakes.ops.subkernel import Stride, SubKernel, as_triple, parse_counts
 
 class CakesConv3d(nn.Module):
     """Heterogeneous 3D convolution with one sub-kernel per output channel.
@@ -64,7 +63,7 @@ class CakesConv3d(nn.Module):
         self.weights = nn.ParameterDict(
             {
                 sub.name: nn.Parameter(torch.empty(n, in_channels, *sub.size))
-                for sub, n in zip(self.subkernels, self.group_sizes)
+                for sub, n in zip(self.subkernels, self.group_sizes, strict=True)
             }
         )
         self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
@@ -106,7 +105,7 @@ class CakesConv3d(nn.Module):
             )
         with torch.no_grad():
             start = 0
-            for sub, n in zip(op.subkernels, op.group_sizes):
+            for sub, n in zip(op.subkernels, op.group_sizes, strict=True):
                 op.weights[sub.name].copy_(weight[start : start + n][(slice(None), slice(None), *sub.centre_slice)])
                 start += n
             if bias is not None:
@@ -120,7 +119,9 @@ class CakesConv3d(nn.Module):
         with torch.no_grad():
             for name, w in inflated.items():
                 if w.shape != self.weights[name].shape:
-                    raise ValueError(f"2D weight {tuple(weight.shape)} does not fit group {name} {tuple(self.weights[name].shape)}")
+                    raise ValueError(
+                        f"2D weight {tuple(weight.shape)} does not fit group {name} {tuple(self.weights[name].shape)}"
+                    )
                 self.weights[name].copy_(w)
         return [f"weights.{name}" for name in inflated]
 

@@ -24,9 +24,8 @@ from torch import Tensor, nn
 
 from cakes.ops.arch import Arch, load_arch
 from cakes.ops.conv import CakesConv3d
-from cakes.ops.functional import Stride
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d
-from cakes.ops.subkernel import OpSet, resolve_op_set
+from cakes.ops.subkernel import OpSet, Stride, resolve_op_set
 
 NormFactory = Callable[[int], nn.Module]
 

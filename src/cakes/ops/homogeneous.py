@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cakes.ops.functional import Stride, as_triple, subkernel_conv
 from cakes.ops.inflate import inflate_2d
-from cakes.ops.subkernel import SubKernel
+from cakes.ops.reference import subkernel_conv
+from cakes.ops.subkernel import Stride, SubKernel, as_triple
 
 class SubKernelConv3d(nn.Module):
     """One convolution with a single sub-kernel, shape-preserving padding and optional groups.

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from torch import nn
 
 from cakes.ops.factory import Homogeneous, NormFactory, OperatorFactory
-from cakes.ops.functional import Stride
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS
+from cakes.ops.subkernel import Stride
 
 
 class PerLayer(OperatorFactory):

@@ -3,11 +3,12 @@
 A heterogeneous convolution can run in several ways that compute the same function
 (``op(x) == F.conv3d(x, op.to_dense(), stride, padding=k // 2)``, gradients included):
 
-* ``fused`` — :func:`~cakes.ops.functional.cakes_conv3d`: one convolution per sub-kernel group
-  (on CPU one autograd node writing every group into one output; elsewhere per-group + concat);
+* ``fused`` — :func:`~cakes.ops.cpu.function.cakes_conv3d`: one convolution per sub-kernel group
+  (on CPU one autograd node writing every group into one output; elsewhere, or with the fast-path
+  switch off — :mod:`cakes.ops.cpu.switch` — per-group + concat);
 * ``grouped`` — the plain per-group form: ``F.conv3d`` per group, ``torch.cat``, bias;
 * ``dense`` — ONE ``kxkxk`` convolution with the sub-kernels zero-padded
-  (:func:`~cakes.ops.functional.dense_weight`): exactly the cost of the all-3D (C3D) layer.
+  (:func:`~cakes.ops.reference.dense_weight`): exactly the cost of the all-3D (C3D) layer.
 
 Which is fastest depends on the layer (widths, mix of sub-kernels), the input shape and layout,
 the device and whether gradients are needed: grouped convolutions save MACs but oneDNN/cuDNN run
@@ -45,7 +46,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from cakes.ops.functional import _forward_plain, cakes_conv3d, dense_weight
+from cakes.ops.cpu import torch_shim
+from cakes.ops.cpu.function import cakes_conv3d
+from cakes.ops.reference import dense_weight, grouped_conv3d
 from cakes.ops.subkernel import SubKernel
 
 EXECUTIONS = ("fused", "grouped", "dense")
@@ -65,7 +68,7 @@ def _fused(x, weights, subs, stride, bias, kernel_size):
 
 
 def _grouped(x, weights, subs, stride, bias, kernel_size):
-    return _forward_plain(x, weights, subs, stride, bias)
+    return grouped_conv3d(x, weights, subs, stride, bias)
 
 
 def _dense(x, weights, subs, stride, bias, kernel_size):
@@ -128,7 +131,7 @@ def plan_key(
     """What the choice depends on: device, dtype, input shape and layout, gradients needed, input
     channels, the ordered ``(sub-kernel, channels)`` groups, stride, bias."""
     layout = "channels_last" if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) else "ncdhw"
-    groups = tuple((sub.name, w.shape[0]) for sub, w in zip(subs, weights))
+    groups = tuple((sub.name, w.shape[0]) for sub, w in zip(subs, weights, strict=True))
     return (str(x.device), x.dtype, tuple(x.shape), layout, _needs_grad(x, weights, bias), weights[0].shape[1], groups,
             tuple(stride), bias is not None)
 
@@ -137,18 +140,14 @@ def rule(subs: Sequence[SubKernel], weights: Sequence[Tensor], kernel_size: int)
     """The deterministic choice: ``dense`` when the groups' MACs are at least :data:`DENSE_MAC_SHARE`
     of the dense layer's (little to save, and thin convolutions run at a lower throughput), else
     ``fused``."""
-    macs = sum(w.shape[0] * sub.volume for w, sub in zip(weights, subs))
+    macs = sum(w.shape[0] * sub.volume for w, sub in zip(weights, subs, strict=True))
     dense = sum(w.shape[0] for w in weights) * kernel_size**3
     return "dense" if macs >= DENSE_MAC_SHARE * dense else "fused"
 
 
 def _traced() -> bool:
     """Counters, fake tensors, tracers, ``torch.compile`` and ``torch.func`` transforms."""
-    return (
-        torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch.compiler.is_compiling()
-    )
+    return torch_shim.dispatch_or_transform_active() or torch.compiler.is_compiling()
 
 
 def choose(

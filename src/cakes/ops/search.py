@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cakes.ops.conv import CakesConv3d
+from cakes.ops.cpu.function import cakes_conv3d
 from cakes.ops.factory import ConvNorm, NormFactory, OperatorFactory
-from cakes.ops.functional import Stride, cakes_conv3d
 from cakes.ops.inflate import marginal
-from cakes.ops.subkernel import OpSet, SubKernel, resolve_op_set
+from cakes.ops.subkernel import OpSet, Stride, SubKernel, resolve_op_set
 
 SELECTION_RULES = ("layer_topk", "channel_argmax")
 SAMPLING_MODES = ("per_channel", "pair_subset", "split_uniform")

@@ -1,4 +1,4 @@
-"""Sub-kernel vocabulary: names such as ``"1x3x3"``, op sets, padding and closed-form costs.
+"""Sub-kernel vocabulary: names such as ``"1x3x3"``, op sets, padding, strides and closed-form costs.
 
 A sub-kernel is a shape ``A×B×C`` over the three kernel axes (T×H×W for video, D×H×W for volumes)
 where every axis is either 1 or the full kernel size ``k``. It stands for the centred slice of a
@@ -14,6 +14,17 @@ from dataclasses import dataclass
 from functools import cached_property
 
 _NAME = re.compile(r"^(\d+)x(\d+)x(\d+)$")
+
+#: a convolution stride: one int for every axis, or ``(T, H, W)``
+Stride = int | tuple[int, int, int]
+
+
+def as_triple(stride: Stride) -> tuple[int, int, int]:
+    """``2 -> (2, 2, 2)``; a 3-sequence passes through (validated)."""
+    triple = (stride, stride, stride) if isinstance(stride, int) else tuple(int(s) for s in stride)
+    if len(triple) != 3 or any(s < 1 for s in triple):
+        raise ValueError(f"stride must be a positive int or a 3-tuple of positive ints, got {stride!r}")
+    return triple  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
