@@ -17,7 +17,7 @@ from cakes.check_data import BadSampleReport, main
 from cakes.config import compose_config
 from cakes.data.synthetic_video import generate_synthetic_ssv1
 from cakes.data.synthetic_volume import generate_synthetic_msd
-from cakes.datamodules import BadSampleWarning
+from cakes.datamodules.video_readers import BadSampleWarning
 from cakes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
