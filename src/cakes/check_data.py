@@ -19,14 +19,13 @@ Prints a report with counts and every bad item by name; exits 1 if anything is b
 config itself cannot be used). Nothing is written.
 
 During training, ``data.bad_sample=skip`` drops unreadable videos instead of failing: each one is
-named in a ``BadSampleWarning``, counted per epoch (``train/skipped_samples``) and printed per epoch
-by :class:`BadSampleReport`.
+named in a ``BadSampleWarning``, counted, logged (``train/skipped_samples``) and printed per epoch by
+:class:`cakes.callbacks.bad_samples.BadSampleReport`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -37,8 +36,6 @@ import pytorch_lightning as pl
 import torch
 
 from cakes.datamodules.checks import Section
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,36 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(report.format(), flush=True)
     return 1 if report.num_bad else 0
-
-
-# --------------------------------------------------------------------------- during training
-class BadSampleReport(pl.Callback):
-    """Prints, after every training epoch, how many samples ``data.bad_sample=skip`` dropped (summed
-    over ranks); each one is named in a ``BadSampleWarning`` where it was read. Silent when none."""
-
-    def __init__(self) -> None:
-        self._skipped = 0
-        self.history: list[tuple[int, int]] = []  # (epoch, skipped)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._skipped = 0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if isinstance(batch, dict):
-            self._skipped += int(batch.get("skipped", 0))
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.strategy.reduce(torch.tensor(float(self._skipped), device=pl_module.device),
-                                        reduce_op="sum")
-        skipped = int(round(float(total)))
-        self.history.append((trainer.current_epoch, skipped))
-        if skipped and trainer.is_global_zero:
-            message = (f"epoch {trainer.current_epoch}: skipped {skipped} unreadable training sample(s) "
-                       "(data.bad_sample=skip; each is named in a BadSampleWarning; "
-                       "python -m cakes.check_data <overrides> lists them all)")
-            log.warning(message)
-            print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
