@@ -51,7 +51,8 @@ class VideoRecord:
         video_id: id from the list file.
         path: frame folder or video file.
         label: class index into the sorted class names.
-        num_frames: frame count the list states; ``None`` = count the folder (or file) at read time.
+        num_frames: frame count a frame-folder list states; ``None`` = count the folder at read time
+            (video files are always counted when opened).
     """
 
     video_id: str
