@@ -8,16 +8,18 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from cakes.check_data import BadSampleReport, main
+from cakes.callbacks.bad_samples import BadSampleReport
+from cakes.check_data import main
 from cakes.config import compose_config
 from cakes.data.synthetic_video import generate_synthetic_ssv1
 from cakes.data.synthetic_volume import generate_synthetic_msd
-from cakes.datamodules import BadSampleWarning
+from cakes.datamodules.video_readers import BadSampleWarning
 from cakes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +120,24 @@ def test_training_skips_exactly_the_bad_videos(broken_video, tmp_path, monkeypat
 
 def test_bad_sample_report_is_silent_without_skips():
     assert BadSampleReport().history == []
+
+
+def test_bad_sample_report_is_the_one_counter(capsys):
+    """Counted once per epoch over the batches, summed over ranks, logged once and printed."""
+    logged = []
+    module = SimpleNamespace(device="cpu", log=lambda name, value, **kwargs: logged.append((name, value)))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda total, reduce_op: total), current_epoch=3,
+                              is_global_zero=True)
+    report = BadSampleReport()
+    report.on_train_epoch_start(trainer, module)
+    for skipped in (1, 0, 2):
+        report.on_train_batch_start(trainer, module, {"video": None, "skipped": skipped}, 0)
+    report.on_train_epoch_end(trainer, module)
+    assert logged == [("train/skipped_samples", 3.0)] and report.history == [(3, 3)]
+    assert "epoch 3: skipped 3 unreadable training sample(s)" in capsys.readouterr().err
+    volumes = BadSampleReport()  # batches without a skip count (volume data): nothing logged or printed
+    volumes.on_train_epoch_start(trainer, module)
+    volumes.on_train_batch_start(trainer, module, {"image": None}, 0)
+    volumes.on_train_epoch_end(trainer, module)
+    assert logged == [("train/skipped_samples", 3.0)] and volumes.history == [(3, 0)]
+    assert capsys.readouterr().err == ""

@@ -14,13 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cakes.datamodules import (
-    BadSampleError,
-    BadSampleWarning,
-    SomethingSomethingDataModule,
-    SomethingSomethingDataset,
-)
-from cakes.datamodules.something import SkipNoneCollate
+from cakes.datamodules.something import SomethingSomethingDataModule
+from cakes.datamodules.video_dataset import SkipNoneCollate, VideoClipDataset
+from cakes.datamodules.video_readers import BadSampleError, BadSampleWarning
 from cakes.datamodules.video_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -227,8 +223,8 @@ def test_dataset_flip_swaps_paired_labels_only(v1_root: Path) -> None:
     for seed in range(12):
         for i, record in enumerate(records):  # fresh RNGs per item: the flip draw comes last
             flip_map = flip_label_map(names)
-            flipping = SomethingSomethingDataset(records, flip=True, flip_map=flip_map, seed=seed, **kwargs)
-            plain = SomethingSomethingDataset(records, flip=False, seed=seed, **kwargs)
+            flipping = VideoClipDataset(records, flip=True, flip_map=flip_map, seed=seed, **kwargs)
+            plain = VideoClipDataset(records, flip=False, seed=seed, **kwargs)
             a, b = flipping[i], plain[i]
             assert b["label"] == record.label
             if torch.equal(a["video"], b["video"]):

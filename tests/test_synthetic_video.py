@@ -15,11 +15,11 @@ from cakes.data import synthetic_video
 from cakes.data.synthetic_video import (
     CLASS_SPECS,
     VALID_NUM_CLASSES,
+    SyntheticSomethingSomethingDataModule,
     generate_synthetic_ssv1,
     render_video,
     synthetic_class_names,
 )
-from cakes.datamodules import SyntheticSomethingSomethingDataModule
 from cakes.datamodules.video_transforms import flip_label_map
 
 TINY = {"num_classes": 4, "train_per_class": 2, "val_per_class": 1, "num_frames": 8, "height": 32, "width": 40}

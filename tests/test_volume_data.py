@@ -46,7 +46,7 @@ def test_generation_is_deterministic_idempotent_and_in_msd_layout(msd_root: Path
     again = generate_synthetic_msd(tmp_path / "again", **SMALL)
     for name in ("imagesTr/pancreas_002.nii.gz", "labelsTr/pancreas_003.nii.gz"):
         assert np.array_equal(nib.load(again / name).get_fdata(), nib.load(msd_root / name).get_fdata())
-    with pytest.raises(FileExistsError, match="holds a synthetic dataset with seed=3 \(requested 4\)"):
+    with pytest.raises(FileExistsError, match=r"holds a synthetic dataset with seed=3 \(requested 4\)"):
         generate_synthetic_msd(msd_root, **{**SMALL, "seed": 4})
     for i in range(1, 7):
         label = np.asarray(nib.load(msd_root / f"labelsTr/pancreas_{i:03d}.nii.gz").dataobj)
@@ -91,9 +91,9 @@ def test_train_crops_are_a_function_of_the_sample_seed(msd_root: Path) -> None:
     samples[(0, 99)]
     again = samples[(0, 123)]
     other = samples[(0, 124)]
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(first, other))
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(first, other, strict=True))
 
 
 def test_split_is_written_and_reusable(msd_root: Path, tmp_path: Path) -> None:

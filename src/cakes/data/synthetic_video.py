@@ -24,7 +24,8 @@ Output (``root``)::
     something-something-v1-validation.csv
     synthetic_ssv1.json                     generation parameters (written last)
 
-CLI: ``python -m cakes.data.synthetic_video --root DIR [--num-classes 8 ...]``.
+:class:`SyntheticSomethingSomethingDataModule` generates it on first use and reads it with the real
+v1 loader. CLI: ``python -m cakes.data.synthetic_video --root DIR [--num-classes 8 ...]``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from cakes.data.generate import generate_atomically
+from cakes.datamodules.something import SomethingSomethingDataModule
 
 #: (class name, canonical motion, time-reversed, mirrored), in generation order.
 CLASS_SPECS: tuple[tuple[str, str, bool, bool], ...] = (
@@ -262,6 +264,55 @@ def generate_synthetic_ssv1(
         "seed": seed,
     }
     return generate_atomically(root, MARKER, params, lambda out: _write_dataset(out, params))
+
+
+# --------------------------------------------------------------------------- data module
+class SyntheticSomethingSomethingDataModule(SomethingSomethingDataModule):
+    """The v1 CSV loader on synthetic data generated into ``root`` by :meth:`prepare_data`.
+
+    Args:
+        root: dataset folder; generated if missing (see :func:`generate_synthetic_ssv1`).
+        num_classes, train_per_class, val_per_class, video_frames, height, width,
+            generator_seed: generation parameters (``video_frames`` frames per video).
+        **kwargs: loader arguments of :class:`~cakes.datamodules.something.SomethingSomethingDataModule`
+            (``version`` and ``list_format`` are fixed to the official v1 CSV layout).
+
+    ``class_names`` is known before the data exists, so the model can be built first.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        num_classes: int = 8,
+        train_per_class: int = 96,
+        val_per_class: int = 16,
+        video_frames: int = 16,
+        height: int = 64,
+        width: int = 80,
+        generator_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root, version="v1", list_format="csv", num_classes=num_classes, **kwargs)
+        self.generation = {
+            "num_classes": num_classes,
+            "train_per_class": train_per_class,
+            "val_per_class": val_per_class,
+            "num_frames": video_frames,
+            "height": height,
+            "width": width,
+            "seed": generator_seed,
+        }
+        self._class_names = sorted(synthetic_class_names(num_classes))  # validates num_classes
+
+    def prepare_data(self) -> None:
+        """Generate the dataset unless ``root`` already holds it (atomic, idempotent)."""
+        generate_synthetic_ssv1(self.root, **self.generation)
+
+    def validate(self) -> None:
+        """Generate the data if missing (``run.py`` validates before ``prepare_data`` runs), then check it."""
+        self.prepare_data()
+        super().validate()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 
 from cakes.data.synthetic_volume import generate_synthetic_msd
+from cakes.datamodules.checks import Section
 from cakes.datamodules.volume import Case, VolumeDataModule, read_json
 
 
@@ -48,7 +49,8 @@ class MSDDataModule(VolumeDataModule):
         self.dataset_json = self.root / dataset_json
         self.val_fraction = float(val_fraction)
 
-    def list_cases(self) -> list[Case]:
+    def listed_cases(self) -> list[Case]:
+        """The ``training`` entries of dataset.json (checked against ``num_classes``), files unchecked."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"MSD dataset root not found: {self.root} (set data.root)")
         data = read_json(self.dataset_json, "MSD dataset.json")
@@ -64,14 +66,15 @@ class MSDDataModule(VolumeDataModule):
                 raise ValueError(f"{self.dataset_json}: training[{k}] must be {{'image': path, 'label': path}}, "
                                  f"got {entry!r}")
         datalist = load_decathlon_datalist(self.dataset_json, True, "training", base_dir=self.root)
-        cases = []
-        for entry in datalist:
-            case = Case(case_id(entry["image"]), Path(entry["image"]), Path(entry["label"]))
+        return [Case(case_id(entry["image"]), Path(entry["image"]), Path(entry["label"])) for entry in datalist]
+
+    def list_cases(self) -> list[Case]:
+        cases = self.listed_cases()
+        for case in cases:
             for what, path in (("image", case.image), ("label", case.label)):
                 if not path.is_file():
                     raise FileNotFoundError(f"case {case.case!r}: {what} listed in {self.dataset_json} not found: "
                                             f"{path}")
-            cases.append(case)
         return cases
 
     def make_split(self, case_ids: list[str]) -> dict[str, Any]:
@@ -108,3 +111,7 @@ class SyntheticMSDDataModule(MSDDataModule):
     def validate(self) -> None:
         self.prepare_data()  # run.py validates before the trainer would call prepare_data
         super().validate()
+
+    def check_items(self, workers: int = 1) -> list[Section]:
+        self.prepare_data()  # generated on first use, as a run would
+        return super().check_items(workers)

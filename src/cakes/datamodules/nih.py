@@ -120,46 +120,57 @@ class NIHPancreasDataModule(VolumeDataModule):
         self.image_reader = DicomSeriesReader() if image_format == "dicom" else "NibabelReader"
 
     def _image_of(self, number: str) -> Path:
+        """The image of case ``PANCREAS_<number>``: its DICOM series folder or its NIfTI file."""
         stem = self.image_path / f"PANCREAS_{number}"
         if self.image_format == "dicom":
             return stem
         plain = stem.with_name(stem.name + ".nii")
         return plain if plain.is_file() else stem.with_name(stem.name + ".nii.gz")
 
-    def list_cases(self) -> list[Case]:
+    def _label_file_names(self) -> list[str]:
+        """Sorted names in the label folder (hidden ``._*`` files left out); the folders must exist."""
         for what, path in (("NIH Pancreas-CT root", self.root), ("image folder", self.image_path),
                            ("label folder", self.label_path)):
             if not path.is_dir():
                 raise FileNotFoundError(f"{what} not found: {path} (set data.root / data.image_dir / data.label_dir)")
+        return sorted(p.name for p in self.label_path.iterdir() if not p.name.startswith("."))
+
+    def _labelled_cases(self, names: list[str]) -> list[Case]:
+        """A case per ``label<NNNN>.nii[.gz]`` of ``names``, excluded cases included."""
+        matches = [m for m in map(_LABEL.match, names) if m is not None]
+        return [Case(f"PANCREAS_{m.group(1)}", self._image_of(m.group(1)), self.label_path / m.group(0))
+                for m in matches]
+
+    def listed_cases(self) -> list[Case]:
+        """Every labelled case not in ``exclude_cases``, its image unchecked."""
+        excluded = set(self.exclude_cases)
+        return [c for c in self._labelled_cases(self._label_file_names()) if c.case not in excluded]
+
+    def list_cases(self) -> list[Case]:
+        names = self._label_file_names()
         if self.image_format == "dicom":
             try:
                 import pydicom  # noqa: F401
             except ImportError:
                 raise ImportError("reading NIH DICOM series needs pydicom (pip install pydicom), or convert the "
                                   "images to NIfTI and set data.image_format=nifti") from None
-        names = sorted(p.name for p in self.label_path.iterdir() if not p.name.startswith("."))
         unexpected = [n for n in names if not _LABEL.match(n)]
         if unexpected:
             warnings.warn(f"{self.label_path}: ignoring files not named label<NNNN>.nii.gz: {unexpected[:10]}",
                           stacklevel=2)
-        cases, excluded = [], set(self.exclude_cases)
-        for name in names:
-            match = _LABEL.match(name)
-            if match is None:
-                continue
-            case = Case(f"PANCREAS_{match.group(1)}", self._image_of(match.group(1)), self.label_path / name)
-            if case.case in excluded:
-                excluded.discard(case.case)
-                continue
+        labelled = self._labelled_cases(names)
+        excluded = set(self.exclude_cases)
+        cases = [c for c in labelled if c.case not in excluded]
+        for case in cases:
             exists = case.image.is_dir() if self.image_format == "dicom" else case.image.is_file()
             if not exists:
                 raise FileNotFoundError(f"case {case.case!r}: image not found: {case.image} (label {case.label})")
-            cases.append(case)
-        if excluded:
-            raise ValueError(f"exclude_cases {sorted(excluded)} are not cases of {self.label_path}")
-        labelled = {c.image.name for c in cases}
+        unknown = excluded - {c.case for c in labelled}
+        if unknown:
+            raise ValueError(f"exclude_cases {sorted(unknown)} are not cases of {self.label_path}")
+        used_images = {c.image.name for c in cases}
         unlabelled = sorted(p.name for p in self.image_path.iterdir()
-                            if p.name.startswith("PANCREAS_") and p.name not in labelled)
+                            if p.name.startswith("PANCREAS_") and p.name not in used_images)
         if unlabelled:
             warnings.warn(f"{self.image_path}: images without a label file are not used: {unlabelled[:10]}",
                           stacklevel=2)

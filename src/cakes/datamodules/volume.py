@@ -17,7 +17,7 @@ Validation / test batches (one whole volume on the ``spacing`` grid)::
 The held-out split serves as both validation and test set (MSD's own test images have no labels).
 
 Training order and augmentation are a pure function of ``(seed, epoch, case)``
-(:class:`~cakes.resume.ResumableSampler` + :class:`SeededSamples`), so a run resumed mid-epoch
+(:class:`~cakes.sampler.ResumableSampler` + :class:`SeededSamples`), so a run resumed mid-epoch
 continues with exactly the crops an uninterrupted run would have drawn.
 """
 
@@ -35,6 +35,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
 from cakes.datamodules.base import SplitDataModule
+from cakes.datamodules.checks import Section, map_items
 from cakes.datamodules.volume_transforms import check_grids, eval_transforms, train_transforms
 from cakes.sampler import train_sampler
 
@@ -93,7 +94,7 @@ def nifti_problem(path: Path, image: Any) -> str | None:
     return None
 
 
-def case_error(record: Mapping[str, Any], err: BaseException) -> "CaseError":
+def case_error(record: Mapping[str, Any], err: BaseException) -> CaseError:
     """``err`` raised while loading the case of ``record``, as a :class:`CaseError` that names the
     case and its files (MONAI wraps the reader's error in "applying transform ...")."""
     root = err
@@ -137,6 +138,42 @@ class NamedCaseCacheDataset(CacheDataset):
             raise case_error(self.data[index], err) from err
 
 
+def read_volume_completely(path: Path, reader: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (X, Y, Z), affine (4, 4))``: a NIfTI file read completely, or a DICOM series folder with
+    ``reader`` (a MONAI ``ImageReader``)."""
+    if path.is_dir():
+        data, meta = reader.get_data(reader.read(str(path)))
+        return np.asarray(data), np.asarray(meta["affine"])
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    return np.asanyarray(image.dataobj), np.asarray(image.affine)
+
+
+def check_case(job: tuple[str, str, str, int, Any]) -> tuple[str, str | None]:
+    """``(case id, image, label, num_classes, reader)`` -> ``(case id, problem or None)``: both files read
+    completely, their grids agree, label values are integers in ``0..num_classes-1``."""
+    case, image_path, label_path, num_classes, reader = job
+    arrays = {}
+    for what, path in (("image", Path(image_path)), ("label", Path(label_path))):
+        if not path.exists():
+            return case, f"{what} not found: {path}"
+        try:
+            arrays[what] = read_volume_completely(path, reader)
+        except Exception as err:  # noqa: BLE001 - any reader failure makes the case unusable
+            return case, f"cannot read {what} {path}: {type(err).__name__}: {err}"
+    (image, image_affine), (label, label_affine) = arrays["image"], arrays["label"]
+    try:
+        check_grids(case, image.shape[:3], image_affine, label.shape[:3], label_affine)
+    except ValueError as err:
+        return case, str(err).replace("\n", " ")
+    values = np.unique(label)
+    bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))]
+    if bad.size:
+        return case, f"label {label_path} holds values {bad.tolist()[:5]} outside 0..{num_classes - 1}"
+    return case, None
+
+
 def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -148,7 +185,7 @@ def read_json(path: Path, what: str) -> Any:
 
 class SeededSamples(torch.utils.data.Dataset):
     """A MONAI dataset read with the ``(index, seed)`` pairs of a
-    :class:`~cakes.resume.ResumableSampler`: the random transforms are seeded from the pair before
+    :class:`~cakes.sampler.ResumableSampler`: the random transforms are seeded from the pair before
     each sample, so its crops and flips do not depend on the worker, the order or a resume."""
 
     def __init__(self, dataset: Dataset) -> None:
@@ -163,12 +200,58 @@ class SeededSamples(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+def check_grid_arguments(num_classes: int, spacing: Sequence[float], window: Sequence[float],
+                         patch_size: Sequence[int]) -> None:
+    """Raise ``ValueError`` for a class count, voxel size, HU window or patch size out of range."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
+    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
+        raise ValueError(f"spacing must be 3 positive voxel sizes (mm), got {list(spacing)}")
+    if len(window) != 2 or float(window[0]) >= float(window[1]):
+        raise ValueError(f"window must be [lo, hi] HU with lo < hi, got {list(window)}")
+    if len(patch_size) != 3 or min(int(s) for s in patch_size) < 1:
+        raise ValueError(f"patch_size must be 3 positive sizes, got {list(patch_size)}")
+
+
+def check_crop_arguments(crops_per_volume: int, batch_size: int, crop_pos: float, crop_neg: float,
+                         flip_axes: Sequence[int], rotate_planes: Sequence[Sequence[int]],
+                         patch_size: Sequence[int]) -> None:
+    """Raise ``ValueError`` for training crop and augmentation settings that cannot work together."""
+    if crops_per_volume < 1 or batch_size % crops_per_volume:
+        raise ValueError(f"crops_per_volume ({crops_per_volume}) must be >= 1 and divide batch_size ({batch_size})")
+    if crop_pos < 0 or crop_neg < 0 or crop_pos + crop_neg == 0:
+        raise ValueError(f"crop_pos / crop_neg must be >= 0 and not both 0, got {crop_pos} / {crop_neg}")
+    if any(int(a) not in (0, 1, 2) for a in flip_axes):
+        raise ValueError(f"flip_axes must be among 0, 1, 2, got {list(flip_axes)}")
+    patch = [int(s) for s in patch_size]
+    for plane in ([int(a) for a in p] for p in rotate_planes):
+        if len(plane) != 2 or len(set(plane)) != 2 or any(a not in (0, 1, 2) for a in plane):
+            raise ValueError(f"rotate_planes entries must be two distinct axes of 0, 1, 2, got {plane}")
+        if patch[plane[0]] != patch[plane[1]]:
+            raise ValueError(f"a 90° rotation in plane {plane} needs equal patch sizes there, got patch_size {patch}")
+
+
+def check_loading_arguments(eval_space: str, cache_rate: float, num_workers: int,
+                            regions: Mapping[str, Sequence[int]], num_classes: int) -> None:
+    """Raise ``ValueError`` for an unknown evaluation space, cache rate, worker count or bad regions."""
+    if eval_space not in EVAL_SPACES:
+        raise ValueError(f"eval_space must be one of {EVAL_SPACES}, got {eval_space!r}")
+    if not 0.0 <= cache_rate <= 1.0:
+        raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    bad_regions = {k: v for k, v in regions.items() if not v or any(not 0 < x < num_classes for x in v)}
+    if not regions or bad_regions:
+        raise ValueError(f"regions must map names to foreground labels in 1..{num_classes - 1}, got {dict(regions)}")
+
+
 class VolumeDataModule(SplitDataModule):
     """Base of :class:`~cakes.datamodules.msd.MSDDataModule` and
     :class:`~cakes.datamodules.nih.NIHPancreasDataModule`.
 
-    Subclasses implement :meth:`list_cases` (errors name the case and file), :meth:`make_split`
-    and :meth:`split_from_file`.
+    Subclasses implement :meth:`listed_cases` (the file list as it stands), :meth:`list_cases` (the
+    same, every file checked to exist; errors name the case and file), :meth:`make_split` and
+    :meth:`split_from_file`.
 
     Args:
         root: dataset folder.
@@ -225,35 +308,9 @@ class VolumeDataModule(SplitDataModule):
         self.flip_axes = tuple(int(a) for a in flip_axes)
         self.rotate_planes = tuple(tuple(int(a) for a in plane) for plane in rotate_planes)
         self.regions = {str(k): [int(v) for v in labels] for k, labels in regions.items()}
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"spacing must be 3 positive voxel sizes (mm), got {list(spacing)}")
-        if len(self.window) != 2 or self.window[0] >= self.window[1]:
-            raise ValueError(f"window must be [lo, hi] HU with lo < hi, got {list(window)}")
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be 3 positive sizes, got {list(patch_size)}")
-        if crops_per_volume < 1 or batch_size % crops_per_volume:
-            raise ValueError(f"crops_per_volume ({crops_per_volume}) must be >= 1 and divide batch_size ({batch_size})")
-        if crop_pos < 0 or crop_neg < 0 or crop_pos + crop_neg == 0:
-            raise ValueError(f"crop_pos / crop_neg must be >= 0 and not both 0, got {crop_pos} / {crop_neg}")
-        if any(a not in (0, 1, 2) for a in self.flip_axes):
-            raise ValueError(f"flip_axes must be among 0, 1, 2, got {list(flip_axes)}")
-        for plane in self.rotate_planes:
-            if len(plane) != 2 or len(set(plane)) != 2 or any(a not in (0, 1, 2) for a in plane):
-                raise ValueError(f"rotate_planes entries must be two distinct axes of 0, 1, 2, got {list(plane)}")
-            if self.patch_size[plane[0]] != self.patch_size[plane[1]]:
-                raise ValueError(f"a 90° rotation in plane {list(plane)} needs equal patch sizes there, "
-                                 f"got patch_size {list(self.patch_size)}")
-        if eval_space not in EVAL_SPACES:
-            raise ValueError(f"eval_space must be one of {EVAL_SPACES}, got {eval_space!r}")
-        if not 0.0 <= cache_rate <= 1.0:
-            raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        bad_regions = {k: v for k, v in self.regions.items() if not v or any(not 0 < x < num_classes for x in v)}
-        if not self.regions or bad_regions:
-            raise ValueError(f"regions must map names to foreground labels in 1..{num_classes - 1}, got {regions}")
+        check_grid_arguments(num_classes, spacing, window, patch_size)
+        check_crop_arguments(crops_per_volume, batch_size, crop_pos, crop_neg, flip_axes, rotate_planes, patch_size)
+        check_loading_arguments(eval_space, cache_rate, num_workers, self.regions, num_classes)
         self.num_classes = int(num_classes)
         self.crops_per_volume, self.crop_pos, self.crop_neg = int(crops_per_volume), float(crop_pos), float(crop_neg)
         self.eval_space = eval_space
@@ -268,6 +325,11 @@ class VolumeDataModule(SplitDataModule):
         self.test_set: Dataset | None = None
 
     # ----------------------------------------------------------------- subclass hooks
+    def listed_cases(self) -> list[Case]:
+        """Every case the file list names, in a fixed order, its files not checked (``check_items``
+        reports each missing one); raises naming the list file if the list itself is unusable."""
+        raise NotImplementedError
+
     def list_cases(self) -> list[Case]:
         """Every labelled case, in a fixed order; raises naming the missing file or bad entry."""
         raise NotImplementedError
@@ -322,6 +384,36 @@ class VolumeDataModule(SplitDataModule):
                 image, label = loaded["image"], loaded["label"]
                 check_grids(case.case, image.shape[:3], image.affine, label.shape[:3], label.affine)
         self.resolve_split()
+
+    def check_items(self, workers: int = 1) -> list[Section]:
+        """Check every listed case completely (``python -m cakes.check_data``), reading each volume in
+        ``workers`` processes: ``file list`` (duplicates), ``cases`` (:func:`check_case`), and, if all
+        is well, ``split``."""
+        file_list = Section("file list")
+        try:
+            cases = self.listed_cases()
+        except (OSError, ValueError) as err:
+            file_list.bad.append(("format", str(err)))
+            return [file_list]
+        file_list.items = len(cases)
+        ids = [c.case for c in cases]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        file_list.bad += [(repr(dupe), "listed more than once") for dupe in duplicates]
+        checked = Section("cases", items=len(cases))
+        reader = self.image_reader if not isinstance(self.image_reader, str) else None
+        jobs = [(c.case, str(c.image), str(c.label), self.num_classes, reader) for c in cases]
+        checked.bad += [(repr(case), problem) for case, problem in map_items(check_case, jobs, workers) if problem]
+        sections = [file_list, checked]
+        if not file_list.bad and not checked.bad:
+            split = Section("split")
+            try:
+                resolved = self.resolve_split()
+                split.items = len(resolved["train"]) + len(resolved["val"])
+                split.units = {"train": len(resolved["train"]), "val": len(resolved["val"])}
+            except (OSError, ValueError) as err:
+                split.bad.append(("split", str(err)))
+            sections.append(split)
+        return sections
 
     def resolve_split(self) -> dict[str, Any]:
         """The split in use (given file or a new one), checked against the case list."""

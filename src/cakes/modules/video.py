@@ -36,7 +36,6 @@ class VideoClassificationModule(CakesModule):
         super().__init__(net, optimizer, scheduler, base_batch_size, input_shape, channels_last)
         self.num_classes = int(self.net.num_classes)
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._skipped = 0
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, 3, T, H, W) -> (B, classes)`` logits, or ``(B, V, 3, T, H, W) -> (B, classes)``
@@ -48,8 +47,7 @@ class VideoClassificationModule(CakesModule):
         return self.net(video)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self._skipped += int(batch.get("skipped", 0))
-        if len(batch["label"]) == 0:  # every sample of this batch was skipped (bad_sample=skip)
+        if len(batch["label"]) == 0:  # every sample was skipped (bad_sample=skip; counted by BadSampleReport)
             return None
         logits = self.net(batch["video"])
         loss = F.cross_entropy(logits, batch["label"])
@@ -57,11 +55,6 @@ class VideoClassificationModule(CakesModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits))
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        skipped = self.all_gather(torch.tensor(self._skipped, device=self.device)).sum()
-        self.log("train/skipped_samples", skipped.float(), rank_zero_only=True)
-        self._skipped = 0
 
     # --- evaluation: gather, de-duplicate by video index, score once ---------------------------------
     def _eval_step(self, batch: dict[str, Any]) -> None:
