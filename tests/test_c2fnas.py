@@ -14,15 +14,16 @@ from cakes.ops import CostPriority, CostPrioritySlot, Derived, Homogeneous, Perf
 from cakes.ops.per_layer import PerLayer
 from cakes.profile import profile
 
-# params, light-head GMACs at 96³ (c2fnas.md: published params; MACs = conv MACs, 0.75 G below published FLOPs)
+# params, light-head GMACs at 96³ (docs/c2fnas.md#counts: the published params; MACs = conv MACs,
+# 0.75 G below the published FLOPs)
 COUNTS = {
     "3d": (22.50e6, 187.73),
     "2d": (11.29e6, 97.02),
     "p3d": (13.16e6, 112.14),
     "panc": (17.02e6, 150.02),
 }
-# c2fnas.md says "16 OP convs", but its own list (one in c0 c2 c3 c4 c5 c7 c10, two in c1 c6 c8 c9 c11)
-# and its 16.810M all-3D OP parameters are 17 convs
+# the reference note said "16 OP convs", but its own list (one in c0 c2 c3 c4 c5 c7 c10, two in c1 c6 c8 c9 c11)
+# and its 16.810M all-3D OP parameters are 17 convs (docs/c2fnas.md#op-slots)
 SLOT_NAMES = ["c0.op0", "c1.op0", "c1.op1", "c2.op0", "c3.op0", "c4.op0", "c5.op0", "c6.op0", "c6.op1", "c7.op0",
               "c8.op0", "c8.op1", "c9.op0", "c9.op1", "c10.op0", "c11.op0", "c11.op1"]
 TINY = 0.125
@@ -54,7 +55,7 @@ def test_concat_head_and_width_multiplier():
 def test_slots_are_the_op_convs_named_like_their_modules():
     assert list(C2FNAS.slots()) == SLOT_NAMES
     op_params = sum(27 * w * w for w in C2FNAS.slots().values())
-    assert op_params == 16_809_984  # c2fnas.md: 16.810M for the all-3D OPs
+    assert op_params == 16_809_984  # docs/c2fnas.md#counts: 16.810M for the all-3D OPs
     widths = C2FNAS.slots(width=TINY)
     assert [widths[n] for n in ("c0.op0", "c2.op0", "c4.op0", "c5.op0", "c11.op1")] == [8, 16, 32, 64, 8]
     net = C2FNAS(operator=Homogeneous("vol2d"), width=TINY)

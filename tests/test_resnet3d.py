@@ -14,7 +14,7 @@ from cakes.ops import CostPriority, Derived, Homogeneous, inflate_2d
 from cakes.profile import profile
 
 ARCHS = Path(__file__).resolve().parents[1] / "archs"
-PRESETS = {  # params, GMACs at 8x224², from cakes-method.md §5
+PRESETS = {  # params, GMACs at 8x224², from docs/method.md#counting
     "ssv1_cakes12d_c": (20_498_030, 29.10),
     "ssv1_cakes12d_p": (20_884_718, 28.83),
     "ssv1_cakes23d_c": (35_695_598, 41.19),

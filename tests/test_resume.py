@@ -167,7 +167,7 @@ def stop_then_resume(config, tmp_path: Path, step: int) -> dict:
     cfg.callbacks.term = {"_target_": f"{__name__}.TermAtStep", "step": step}
     with pytest.raises(SystemExit) as stop:
         run(cfg)
-    assert stop.value.code == 143  # stopped after saving: resumable (README, exit codes)
+    assert stop.value.code == 143  # stopped after saving: resumable (docs/operations.md#exit-status)
     last = torch.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt", weights_only=True)
     run(config(tmp_path / "stopped", "resume=auto"))
     return last
