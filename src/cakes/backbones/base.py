@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from cakes.ops.factory import NormFactory, OperatorFactory
-from cakes.ops.functional import Stride
+from cakes.ops.subkernel import Stride
 
 
 def scaled_width(channels: int, width: float) -> int:

@@ -1,6 +1,6 @@
 """C2FNAS 3D segmentation backbone (Yu et al., CVPR 2020) with an injected operator factory.
 
-Reconstructed as in ``c2fnas.md`` (pinned by the published parameter and MAC counts). Every conv is
+Reconstructed as in ``docs/c2fnas.md`` (pinned by the published parameter and MAC counts). Every conv is
 pre-activation ``ReLU → Conv (no bias) → InstanceNorm3d (affine)``. Data flow (width 1, 96³ patch,
 level widths L1-L4 = 64/128/256/512)::
 

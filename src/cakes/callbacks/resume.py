@@ -89,7 +89,7 @@ class ResumeStateCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the epoch aggregates (train/*_epoch) of an epoch entered part-way cover only the batches
-        # after the resume point: mark that row of the log (README, "Reliability and security")
+        # after the resume point: mark that row of the log (docs/operations.md#metrics-of-a-resumed-epoch)
         if self._partial_epoch is not None and self._partial_epoch == trainer.current_epoch:
             pl_module.log(PARTIAL_EPOCH_KEY, 1.0, on_step=False, on_epoch=True, logger=True)
         self._partial_epoch = None
