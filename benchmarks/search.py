@@ -95,7 +95,8 @@ def paired(
         with torch.no_grad():
             supernet(x)  # one forward records this step's draw of every slot
         draws.append(current)
-    counts = [[{n: int((ops == i).sum()) for i, n in enumerate(op_names)} for (ops, _), op_names in zip(d, names)]
+    counts = [[{n: int((ops == i).sum()) for i, n in enumerate(op_names)}
+               for (ops, _), op_names in zip(d, names, strict=True)]
               for d in draws]
     derived = [build_derived(c).train().to(memory_format=CL) for c in counts]
 
@@ -106,13 +107,13 @@ def paired(
             step_fn(supernet, x)()
         return step
 
-    fns = [(replay(d), step_fn(net, x)) for d, net in zip(draws, derived)]
+    fns = [(replay(d), step_fn(net, x)) for d, net in zip(draws, derived, strict=True)]
     for sup, der in fns:  # warm-up: every shape once
         sup()
         der()
     times: tuple[list[float], list[float]] = ([], [])
     for pair in fns:
-        for fn, acc in zip(pair, times):
+        for fn, acc in zip(pair, times, strict=True):
             start = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - start)
@@ -153,7 +154,7 @@ def network_benchmark(args: argparse.Namespace) -> list[tuple[str, float, float,
     slots = ResNet3d.slots(depth=50, width=0.125)
 
     def build(counts: list[dict[str, int]]) -> nn.Module:
-        arch = {"backbone": "resnet3d", "op_set": "c123d", "layers": dict(zip(slots, counts))}
+        arch = {"backbone": "resnet3d", "op_set": "c123d", "layers": dict(zip(slots, counts, strict=True))}
         return ResNet3d(operator=Derived(arch), depth=50, width=0.125, num_classes=8)
 
     mine, ref = paired(supernet, build, x, args.reps)

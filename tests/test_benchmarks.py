@@ -31,7 +31,8 @@ def table_rows(text: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_ops_benchmark_prints_both_layouts_and_the_naive_form(capsys):
-    load("ops").main(["--only", "res5", "--splits", "thirds", "--reps", "1", "--warmup", "0", "--naive", "--batch", "1"])
+    load("ops").main(["--only", "res5", "--splits", "thirds", "--reps", "1", "--warmup", "0", "--naive",
+                      "--batch", "1"])
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert [r[1] for r in rows] == ["channels_last", "ncdhw"]

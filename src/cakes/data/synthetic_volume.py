@@ -47,9 +47,9 @@ def has_lesion(index: int) -> bool:
 def render_case(rng: np.random.Generator, shape: Sequence[int], voxel_size: Sequence[float],
                 lesion: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(image int16 (X, Y, Z) HU, label uint8 (X, Y, Z))`` on a grid of ``voxel_size`` mm."""
-    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, voxel_size)]
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, voxel_size, strict=True)]
     x, y, z = np.meshgrid(*axes, indexing="ij")
-    half = [n * s / 2 for n, s in zip(shape, voxel_size)]
+    half = [n * s / 2 for n, s in zip(shape, voxel_size, strict=True)]
     body = (x / (0.9 * half[0])) ** 2 + (y / (0.75 * half[1])) ** 2
     image = np.full(x.shape, HU["air"])
     image[body <= 1] = HU["fat"]

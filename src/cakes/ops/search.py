@@ -168,7 +168,7 @@ class SearchSlot(nn.Module):
         """Channels per sub-kernel under ``rule`` (default: the slot's own; op-set order; zeros kept)."""
         ops, _ = self.select(rule or self.selection)
         per_op = torch.bincount(ops.cpu(), minlength=self.num_ops).tolist()
-        return dict(zip(self.op_set.names, per_op))
+        return dict(zip(self.op_set.names, per_op, strict=True))
 
     def inflate_from_2d(self, weight: Tensor, norm_state: Mapping[str, Tensor]) -> list[str]:
         """Supernet ImageNet init: every candidate from all ``C_out`` rows; the BN repeated per op."""
@@ -294,7 +294,8 @@ class PerformancePrioritySlot(SearchSlot):
         if self.sampler.full_kernel:
             if self.full_op is None:
                 raise ValueError(f"layer {self.layer!r}: the full-kernel warm-up needs shared_kernel=true and the full "
-                                 f"kernel in the op set, got op set {self.op_set.name} (shared_kernel={self.shared_kernel})")
+                                 f"kernel in the op set, got op set {self.op_set.name} "
+                                 f"(shared_kernel={self.shared_kernel})")
             ops = torch.full((self.width,), self.full_op, dtype=torch.long)
             channels = torch.arange(self.width)
         elif self.training:
