@@ -3,7 +3,8 @@
 Each case is a small CT-like volume (default 64×64×24 voxels at 0.8×0.8×2.5 mm, stored with an
 LPS-style affine so that loading must reorient): air (-1000 HU) around an elliptic body with a fat
 rim (-100 HU), soft tissue (40 HU) and a vertebra (400 HU); a deformed ellipsoid "organ" (100 HU,
-label 1) and, in two cases of three, a lesion inside it (60 HU, label 2); Gaussian noise (σ 15 HU).
+label 1) and, in two cases of three, a hypodense lesion inside it (-20 HU, label 2; a sphere of
+0.9–1.2× the organ's smallest radius, cut by the organ); Gaussian noise (σ 15 HU).
 Deterministic from ``seed``.
 
 Output (``root``)::
@@ -33,9 +34,9 @@ import numpy as np
 from cakes.data.generate import generate_atomically
 
 #: Bump when rendering changes, so old datasets are not mistaken for new ones.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER = "synthetic_msd.json"
-HU = {"air": -1000.0, "fat": -100.0, "tissue": 40.0, "organ": 100.0, "lesion": 60.0, "bone": 400.0}
+HU = {"air": -1000.0, "fat": -100.0, "tissue": 40.0, "organ": 100.0, "lesion": -20.0, "bone": 400.0}
 NOISE_HU = 15.0
 
 
@@ -68,8 +69,8 @@ def render_case(rng: np.random.Generator, shape: Sequence[int], voxel_size: Sequ
     label = organ.astype(np.uint8)
     image[organ] = HU["organ"]
     if lesion:
-        core = centre + rng.uniform(-0.3, 0.3, 3) * radii
-        r = rng.uniform(0.5, 0.7) * radii.min()
+        core = centre + rng.uniform(-0.2, 0.2, 3) * radii
+        r = rng.uniform(0.9, 1.2) * radii.min()
         inside = organ & (((x - core[0]) ** 2 + (y - core[1]) ** 2 + (z - core[2]) ** 2) <= r**2)
         label[inside] = 2
         image[inside] = HU["lesion"]
