@@ -1,8 +1,8 @@
 """Search: train a CAKES supernet, export the found architecture, print the retrain command.
 
-    python search.py                                  # demo search on built-in synthetic data
-    python search.py experiment=ssv1_search_cost search.op_set=c12d
-    python search.py -m search.lasso=1e-5,1e-4,1e-3   # a lasso sweep: one arch yaml per value
+python search.py                                  # demo search on built-in synthetic data
+python search.py experiment=ssv1_search_cost search.op_set=c12d
+python search.py -m search.lasso=1e-5,1e-4,1e-3   # a lasso sweep: one arch yaml per value
 """
 
 import hydra

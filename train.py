@@ -1,7 +1,7 @@
 """Train a network: a baseline (operator=c2d|c3d|p3d|...) or a found architecture (operator=cakes arch=<name>).
 
-    python train.py experiment=demo_c3d
-    python train.py experiment=ssv1_cakes arch=ssv1_cakes123d_p backbone.pretrained=/path/resnet50.pth
+python train.py experiment=demo_c3d
+python train.py experiment=ssv1_cakes arch=ssv1_cakes123d_p backbone.pretrained=/path/resnet50.pth
 """
 
 import hydra

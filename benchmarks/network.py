@@ -272,8 +272,13 @@ class Row:
 def run_pair(track: str, arch: str, spec: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """Time ``arch`` with its baseline in a child process (``--worker``); returns its timings."""
     names = [TRACKS[track].baseline, arch]
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps([track, names, spec]),
-               *args.forward]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps([track, names, spec]),
+        *args.forward,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     if done.returncode:
         raise RuntimeError(f"benchmark worker for {arch} at {spec} failed:\n{done.stderr[-3000:]}")
@@ -319,12 +324,22 @@ def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
         ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="baseline time")
         for r in rows:
             ax.scatter(r.mac_ratio, r.ratio(mode), marker=markers[r.shape], s=36)
-            ax.annotate(r.arch.replace("ssv1_cakes", ""), (r.mac_ratio, r.ratio(mode)), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                r.arch.replace("ssv1_cakes", ""),
+                (r.mac_ratio, r.ratio(mode)),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         for s in shapes:
             ax.scatter([], [], marker=markers[s], color="grey", label=s)
-        ax.set(xlim=(0, top), ylim=(0, top), xlabel="MAC ratio (arch / all-3D)", ylabel="time ratio (arch / all-3D)",
-               title=f"{title}: {labels[mode]}")
+        ax.set(
+            xlim=(0, top),
+            ylim=(0, top),
+            xlabel="MAC ratio (arch / all-3D)",
+            ylabel="time ratio (arch / all-3D)",
+            title=f"{title}: {labels[mode]}",
+        )
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
@@ -337,8 +352,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--track", choices=list(TRACKS), default="video")
     parser.add_argument("--only", nargs="+", metavar="NET", help="architectures to run (default: all of the track)")
-    parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
-                        help="video 'TxS:B' (8x112:1), volume 'S:B' (96:1); default: the track's shapes")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="SHAPE",
+        help="video 'TxS:B' (8x112:1), volume 'S:B' (96:1); default: the track's shapes",
+    )
     parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"])
     parser.add_argument("--reps", type=int, default=5, help="timed interleaved rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
@@ -346,15 +365,26 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--layout", choices=["channels_last", "ncdhw"], default="channels_last")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (toy sizes for tests)")
-    parser.add_argument("--found", type=Path, default=None,
-                        help="c2fnas arch yaml of the volume track's 'found' network, fitted to the benchmark width "
-                             "(a width-1/8 demo export runs ×8 at full width); without it 'found' is left out")
+    parser.add_argument(
+        "--found",
+        type=Path,
+        default=None,
+        help="c2fnas arch yaml of the volume track's 'found' network, fitted to the benchmark width "
+        "(a width-1/8 demo export runs ×8 at full width); without it 'found' is left out",
+    )
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime inference of exported networks")
-    parser.add_argument("--one-process", action="store_true",
-                        help="all networks of the track in this one process, interleaved (no pairing)")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="all networks of the track in this one process, interleaved (no pairing)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="directory for the markdown table, PNG and JSON")
-    parser.add_argument("--fast-path", choices=["on", "off"], default=None,
-                        help="switch CakesConv3d's CPU fast path (default: CAKES_FAST_PATH, else on)")
+    parser.add_argument(
+        "--fast-path",
+        choices=["on", "off"],
+        default=None,
+        help="switch CakesConv3d's CPU fast path (default: CAKES_FAST_PATH, else on)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -368,11 +398,23 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print(json.dumps(time_interleaved(track, names, parse_shape(track, spec), args)))
         return []
     # the settings a worker needs, as command-line flags
-    args.forward = ["--reps", str(args.reps), "--warmup", str(args.warmup), "--device", args.device,
-                    "--layout", args.layout, "--width", str(args.width),
-                    *(["--found", str(args.found)] if args.found else []),
-                    "--modes", *args.modes, *(["--threads", str(args.threads)] if args.threads else []),
-                    *(["--onnx"] if args.onnx else [])]
+    args.forward = [
+        "--reps",
+        str(args.reps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--layout",
+        args.layout,
+        "--width",
+        str(args.width),
+        *(["--found", str(args.found)] if args.found else []),
+        "--modes",
+        *args.modes,
+        *(["--threads", str(args.threads)] if args.threads else []),
+        *(["--onnx"] if args.onnx else []),
+    ]
     track = TRACKS[args.track]
     archs = args.only or [n for n in track.networks if n != "found" or args.found]
     if "found" in archs and args.track == "volume" and args.found is None:
@@ -384,9 +426,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     modes = [*args.modes, *(["onnx"] if args.onnx else [])]
     started = load_text()
     fast = "on" if fast_path_enabled() else "off"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()},"
-          f" {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}; {args.warmup} warm-up + "
-          f"{args.reps} interleaved reps, medians; load average {started}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()},"
+        f" {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}; {args.warmup} warm-up + "
+        f"{args.reps} interleaved reps, medians; load average {started}",
+        flush=True,
+    )
     rows: list[Row] = []
     raw: dict[str, Any] = {}
     for spec in specs:
@@ -402,18 +447,22 @@ def main(argv: list[str] | None = None) -> list[Row]:
             row = Row(args.track, spec, arch, ratio, medians)
             rows.append(row)
             print(table([row], modes).splitlines()[-1], flush=True)
-    settings = (f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}, "
-                f"{args.device}, {args.layout}, {torch.get_num_threads()} threads, width {args.width}, "
-                f"CPU fast path {fast}, "
-                f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average at start {started}, "
-                f"at end {load_text()}")
+    settings = (
+        f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}, "
+        f"{args.device}, {args.layout}, {torch.get_num_threads()} threads, width {args.width}, "
+        f"CPU fast path {fast}, "
+        f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average at start {started}, "
+        f"at end {load_text()}"
+    )
     text = f"{settings}\n\n{table(rows, modes)}\n"
     print(f"\n{text}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out / f"network_{args.track}.md", text)
-        write_atomic(args.out / f"network_{args.track}.json",
-                     json.dumps({"settings": settings, "rows": [asdict(r) for r in rows], "times": raw}, indent=1))
+        write_atomic(
+            args.out / f"network_{args.track}.json",
+            json.dumps({"settings": settings, "rows": [asdict(r) for r in rows], "times": raw}, indent=1),
+        )
         title = "ResNet-50 I3D" if args.track == "video" else "C2FNAS"
         plot(rows, modes, args.out / f"network_{args.track}.png", title)
     return rows

@@ -80,8 +80,13 @@ class NaivePerGroup(nn.Module):
         self.op = op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.conv3d(x, self.op.weights[sub.name], padding=sub.padding, stride=self.op.stride)
-                          for sub in self.op.subkernels], dim=1)
+        return torch.cat(
+            [
+                F.conv3d(x, self.op.weights[sub.name], padding=sub.padding, stride=self.op.stride)
+                for sub in self.op.subkernels
+            ],
+            dim=1,
+        )
 
 
 class FastPathOff(nn.Module):
@@ -151,18 +156,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="5 reps, 1 warm-up")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=sorted(SHAPES), default=list(SHAPES), help="shapes to run")
-    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS), metavar="SPLIT",
-                        help=f"splits to run, from {list(SPLITS)}")
-    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
-                        help="memory formats to run (default: both; channels-last is the networks' default)")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        choices=list(SPLITS),
+        default=list(SPLITS),
+        metavar="SPLIT",
+        help=f"splits to run, from {list(SPLITS)}",
+    )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=list(LAYOUTS),
+        default=list(LAYOUTS),
+        help="memory formats to run (default: both; channels-last is the networks' default)",
+    )
     parser.add_argument("--eval", action="store_true", help="also time forward only (no_grad)")
-    parser.add_argument("--naive", action="store_true",
-                        help="also time the naive per-group form (F.conv3d per group + torch.cat)")
+    parser.add_argument(
+        "--naive", action="store_true", help="also time the naive per-group form (F.conv3d per group + torch.cat)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--ab", action="store_true",
-                        help="A/B: also time the op with the CPU fast path off, interleaved (plan pinned to fused)")
-    parser.add_argument("--fast-path", choices=["on", "off"], default=None,
-                        help="switch the CPU fast path for the whole run (default: CAKES_FAST_PATH, else on)")
+    parser.add_argument(
+        "--ab",
+        action="store_true",
+        help="A/B: also time the op with the CPU fast path off, interleaved (plan pinned to fused)",
+    )
+    parser.add_argument(
+        "--fast-path",
+        choices=["on", "off"],
+        default=None,
+        help="switch the CPU fast path for the whole run (default: CAKES_FAST_PATH, else on)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.warmup = 5, 1
@@ -189,8 +213,10 @@ def case_line(shape: str, layout: str, split_name: str, res: dict, mr: float, ar
 def print_tables(rows: list[tuple], args: argparse.Namespace) -> None:
     """The markdown tables: dense vs cakes, and with ``--ab`` the fast path on vs off."""
     print()
-    print(f"| shape (C @ TxHxW, batch {args.batch}) | layout | split | dense ms | cakes ms | time ratio | MAC ratio "
-          "| time / MAC |")
+    print(
+        f"| shape (C @ TxHxW, batch {args.batch}) | layout | split | dense ms | cakes ms | time ratio | MAC ratio "
+        "| time / MAC |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for shape, layout, split, d, c, tr, mr, q, _ in rows:
         print(f"| {shape} | {layout} | {split} | {d:.1f} | {c:.1f} | {tr:.3f} | {mr:.3f} | {q:.2f} |")
@@ -213,12 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, batch {args.batch}, "
-          f"{args.warmup} warm-up + {args.reps} interleaved reps, medians, "
-          f"conv plan {plan.mode()}, fast path {'on' if fast_path_enabled() else 'off'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, batch {args.batch}, "
+        f"{args.warmup} warm-up + {args.reps} interleaved reps, medians, "
+        f"conv plan {plan.mode()}, fast path {'on' if fast_path_enabled() else 'off'}"
+    )
     rows = []
-    header = (f"{'shape':<22} {'layout':<13} {'split':<12} {'dense ms':>9} {'cakes ms':>9} {'time ratio':>10} "
-              f"{'MAC ratio':>9} {'time/MAC':>8}")
+    header = (
+        f"{'shape':<22} {'layout':<13} {'split':<12} {'dense ms':>9} {'cakes ms':>9} {'time ratio':>10} "
+        f"{'MAC ratio':>9} {'time/MAC':>8}"
+    )
     if args.eval:
         header += f" | {'eval dense':>10} {'eval cakes':>10} {'eval ratio':>10}"
     print(header)

@@ -41,11 +41,13 @@ CL = torch.channels_last_3d
 
 def step_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """One training step's compute: forward + backward (input requires grad, as inside a net)."""
+
     def step() -> None:
         inp = x.detach().requires_grad_(True)
         out = module(inp)
         out.backward(torch.ones_like(out))
         module.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -67,12 +69,14 @@ def branches_step(branches: list[nn.Module], x: torch.Tensor) -> Callable[[], No
     """The branches of a cost-priority slot run separately on one input: each its own step, and
     autograd sums their input gradients (which the slot does too). No concatenation: a 5-D
     channels-last ``torch.cat`` alone would make this reference ~1.7x slower."""
+
     def step() -> None:
         inp = x.detach().requires_grad_(True)
         outs = [branch(inp) for branch in branches]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
         for branch in branches:
             branch.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -95,9 +99,13 @@ def paired(
         with torch.no_grad():
             supernet(x)  # one forward records this step's draw of every slot
         draws.append(current)
-    counts = [[{n: int((ops == i).sum()) for i, n in enumerate(op_names)}
-               for (ops, _), op_names in zip(d, names, strict=True)]
-              for d in draws]
+    counts = [
+        [
+            {n: int((ops == i).sum()) for i, n in enumerate(op_names)}
+            for (ops, _), op_names in zip(d, names, strict=True)
+        ]
+        for d in draws
+    ]
     derived = [build_derived(c).train().to(memory_format=CL) for c in counts]
 
     def replay(d: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
@@ -105,6 +113,7 @@ def paired(
             pending = iter(d)
             sampler.sample = lambda k, w: next(pending)
             step_fn(supernet, x)()
+
         return step
 
     fns = [(replay(d), step_fn(net, x)) for d, net in zip(draws, derived, strict=True)]
@@ -127,8 +136,9 @@ def slot_benchmarks(args: argparse.Namespace) -> list[tuple[str, float, float, f
     rows = []
     for op_set in args.op_sets:
         ops = resolve_op_set(op_set)
-        perf = PerformancePriority(op_set, sampling="per_channel")(layer="s", in_channels=c, out_channels=c,
-                                                                     norm=nn.BatchNorm3d).train()
+        perf = PerformancePriority(op_set, sampling="per_channel")(
+            layer="s", in_channels=c, out_channels=c, norm=nn.BatchNorm3d
+        ).train()
         perf.to(memory_format=CL)
         mine, ref = paired(perf, lambda counts: ConvNorm(CakesConv3d(c, counts[0]), nn.BatchNorm3d(c)), x, args.reps)
         rows.append((f"perf-priority slot {op_set} vs derived of the same draw", mine, ref, 1.2))
@@ -160,8 +170,10 @@ def network_benchmark(args: argparse.Namespace) -> list[tuple[str, float, float,
     mine, ref = paired(supernet, build, x, args.reps)
     uniform = build([uniform_counts(resolve_op_set("c123d"), w) for w in slots.values()]).train().to(memory_format=CL)
     t = interleaved({"perf": step_fn(supernet, x), "derived": step_fn(uniform, x)}, args.reps)
-    return [("perf-priority tiny ResNet-50 vs derived of the same draw", mine, ref, 1.2),
-            ("perf-priority tiny ResNet-50 vs derived with uniform counts", t["perf"], t["derived"], None)]
+    return [
+        ("perf-priority tiny ResNet-50 vs derived of the same draw", mine, ref, 1.2),
+        ("perf-priority tiny ResNet-50 vs derived with uniform counts", t["perf"], t["derived"], None),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,9 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--op-sets", nargs="+", default=["c12d", "c23d", "c123d"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; slot input "
-          f"({args.batch}, {args.channels}, {args.frames}, {args.size}, {args.size}), channels-last; "
-          f"median of {args.reps} interleaved fwd+bwd steps\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; slot input "
+        f"({args.batch}, {args.channels}, {args.frames}, {args.size}, {args.size}), channels-last; "
+        f"median of {args.reps} interleaved fwd+bwd steps\n"
+    )
     rows = [*slot_benchmarks(args), *network_benchmark(args)]
     print("| case | supernet ms | reference ms | ratio | target |")
     print("|---|---:|---:|---:|---:|")

@@ -25,14 +25,18 @@ def load(name: str):
 
 
 def table_rows(text: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith("| case") and not line.startswith("| shape")]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| case") and not line.startswith("| shape")
+    ]
 
 
 @pytest.mark.slow
 def test_ops_benchmark_prints_both_layouts_and_the_naive_form(capsys):
-    load("ops").main(["--only", "res5", "--splits", "thirds", "--reps", "1", "--warmup", "0", "--naive",
-                      "--batch", "1"])
+    load("ops").main(
+        ["--only", "res5", "--splits", "thirds", "--reps", "1", "--warmup", "0", "--naive", "--batch", "1"]
+    )
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert [r[1] for r in rows] == ["channels_last", "ncdhw"]
@@ -63,17 +67,37 @@ def test_search_benchmark_pairs_supernet_steps_with_derived_networks(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("track, net, shape, width", [("video", "ssv1_cakes23d_c", "2x32:1", 0.0625),
-                                                     ("volume", "uniform v123d", "32:1", 0.0625)])
+@pytest.mark.parametrize(
+    "track, net, shape, width",
+    [("video", "ssv1_cakes23d_c", "2x32:1", 0.0625), ("volume", "uniform v123d", "32:1", 0.0625)],
+)
 def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, track, net, shape, width):
     """One pair in its worker process at a toy width: table, JSON of every timing and the PNG."""
     network = load("network")
-    rows = network.main(["--track", track, "--only", net, "--shapes", shape, "--width", str(width), "--reps", "2",
-                         "--warmup", "0", "--out", str(tmp_path)])
+    rows = network.main(
+        [
+            "--track",
+            track,
+            "--only",
+            net,
+            "--shapes",
+            shape,
+            "--width",
+            str(width),
+            "--reps",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (row,) = rows
     with torch.device("meta"):  # the MAC ratio is the closed-form count of the two networks
-        macs = [profile(network.build(track, n, width, None), network.parse_shape(track, shape)).macs
-                for n in (network.TRACKS[track].baseline, net)]
+        macs = [
+            profile(network.build(track, n, width, None), network.parse_shape(track, shape)).macs
+            for n in (network.TRACKS[track].baseline, net)
+        ]
     assert row.arch == net and row.mac_ratio == pytest.approx(macs[1] / macs[0])
     assert 0 < row.mac_ratio < 1 and set(row.ms) == {"train", "eval"}
     assert all(base > 0 and arch > 0 for base, arch in row.ms.values())

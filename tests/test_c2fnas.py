@@ -24,8 +24,25 @@ COUNTS = {
 }
 # the reference note said "16 OP convs", but its own list (one in c0 c2 c3 c4 c5 c7 c10, two in c1 c6 c8 c9 c11)
 # and its 16.810M all-3D OP parameters are 17 convs (docs/c2fnas.md#op-slots)
-SLOT_NAMES = ["c0.op0", "c1.op0", "c1.op1", "c2.op0", "c3.op0", "c4.op0", "c5.op0", "c6.op0", "c6.op1", "c7.op0",
-              "c8.op0", "c8.op1", "c9.op0", "c9.op1", "c10.op0", "c11.op0", "c11.op1"]
+SLOT_NAMES = [
+    "c0.op0",
+    "c1.op0",
+    "c1.op1",
+    "c2.op0",
+    "c3.op0",
+    "c4.op0",
+    "c5.op0",
+    "c6.op0",
+    "c6.op1",
+    "c7.op0",
+    "c8.op0",
+    "c8.op1",
+    "c9.op0",
+    "c9.op1",
+    "c10.op0",
+    "c11.op0",
+    "c11.op1",
+]
 TINY = 0.125
 
 
@@ -68,10 +85,18 @@ def test_slots_are_the_op_convs_named_like_their_modules():
     assert net.stem[0].conv.kernel_size == net.head.conv_b.conv.kernel_size == (3, 3, 3)
 
 
-@pytest.mark.parametrize("operator", [
-    Homogeneous("c3d"), Homogeneous("vol2d"), Homogeneous("volp3d"), Uniform("v123d"), Uniform("v1d"),
-    PerLayer({"c0": "vol2d", "c1.op1": "volp3d"}, default="c3d"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "operator",
+    [
+        Homogeneous("c3d"),
+        Homogeneous("vol2d"),
+        Homogeneous("volp3d"),
+        Uniform("v123d"),
+        Uniform("v1d"),
+        PerLayer({"c0": "vol2d", "c1.op1": "volp3d"}, default="c3d"),
+    ],
+    ids=repr,
+)
 def test_forward_shapes_fixed_operators(operator):
     net = C2FNAS(operator=operator, width=TINY, num_classes=3)
     with torch.no_grad():

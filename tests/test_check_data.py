@@ -23,13 +23,29 @@ from cakes.datamodules.video_readers import BadSampleWarning
 from cakes.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
-VIDEO = ["data.num_classes=4", "data.train_per_class=4", "data.val_per_class=2", "data.video_frames=8",
-         "data.height=40", "data.width=48"]
+VIDEO = [
+    "data.num_classes=4",
+    "data.train_per_class=4",
+    "data.val_per_class=2",
+    "data.video_frames=8",
+    "data.height=40",
+    "data.width=48",
+]
 GENERATION = {"num_classes": 4, "train_per_class": 4, "val_per_class": 2, "num_frames": 8, "height": 40, "width": 48}
 # every frame of the 8-frame videos is read (8 segments), so a corrupt jpg is always hit
-TRAIN = ["data.num_frames=8", "data.crop_size=32", "data.test_short_side=40", "data.batch_size=4",
-         "data.num_workers=0", "trainer.max_epochs=2", "+trainer.limit_val_batches=1", "test=false",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
+TRAIN = [
+    "data.num_frames=8",
+    "data.crop_size=32",
+    "data.test_short_side=40",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "trainer.max_epochs=2",
+    "+trainer.limit_val_batches=1",
+    "test=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+]
 
 
 @pytest.fixture()
@@ -73,8 +89,14 @@ def test_check_data_reports_list_errors_and_clean_data(tmp_path, capsys):
 def test_check_data_volumes(tmp_path, capsys):
     root = tmp_path / "msd"
     generate_synthetic_msd(root, num_cases=5, shape=(24, 24, 8))
-    overrides = ["experiment=demo_msd_c3d", f"data.root={root}", "data.num_cases=5", "data.shape=[24,24,8]",
-                 "--workers", "1"]
+    overrides = [
+        "experiment=demo_msd_c3d",
+        f"data.root={root}",
+        "data.num_cases=5",
+        "data.shape=[24,24,8]",
+        "--workers",
+        "1",
+    ]
     assert main(overrides) == 0
     label = root / "labelsTr" / "pancreas_002.nii.gz"
     image = nib.load(label)
@@ -93,8 +115,13 @@ def test_check_data_volumes(tmp_path, capsys):
 
 def test_check_data_command_line(broken_video):
     root, corrupt, _ = broken_video
-    result = subprocess.run([sys.executable, "-m", "cakes.check_data", *VIDEO, f"data.root={root}", "--workers", "1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "cakes.check_data", *VIDEO, f"data.root={root}", "--workers", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1 and str(corrupt) in result.stdout
 
 
@@ -102,8 +129,7 @@ def test_check_data_command_line(broken_video):
 def test_training_skips_exactly_the_bad_videos(broken_video, tmp_path, monkeypatch, capsys):
     root, corrupt, missing = broken_video
     monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
-    cfg = compose_config("train", ["experiment=demo_c3d", *VIDEO, *TRAIN, f"data.root={root}",
-                                   "data.bad_sample=skip"])
+    cfg = compose_config("train", ["experiment=demo_c3d", *VIDEO, *TRAIN, f"data.root={root}", "data.bad_sample=skip"])
     cfg.paths.output_dir = str(tmp_path / "run")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -126,8 +152,9 @@ def test_bad_sample_report_is_the_one_counter(capsys):
     """Counted once per epoch over the batches, summed over ranks, logged once and printed."""
     logged = []
     module = SimpleNamespace(device="cpu", log=lambda name, value, **kwargs: logged.append((name, value)))
-    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda total, reduce_op: total), current_epoch=3,
-                              is_global_zero=True)
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce=lambda total, reduce_op: total), current_epoch=3, is_global_zero=True
+    )
     report = BadSampleReport()
     report.on_train_epoch_start(trainer, module)
     for skipped in (1, 0, 2):

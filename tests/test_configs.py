@@ -100,8 +100,13 @@ def test_experiment_composes_and_instantiates(experiment: str, cakes_root: Path)
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_multinode", "ddp_cpu"])
 def test_trainer_configs(trainer: str, cakes_root: Path):
     cfg = compose_config("train", [f"trainer={trainer}"])
-    expected = {"cpu": (1, 1, "auto"), "gpu": (1, 1, "auto"), "ddp": (8, 1, "ddp"),
-                "ddp_multinode": (8, 2, "ddp"), "ddp_cpu": (2, 1, "ddp_spawn")}[trainer]
+    expected = {
+        "cpu": (1, 1, "auto"),
+        "gpu": (1, 1, "auto"),
+        "ddp": (8, 1, "ddp"),
+        "ddp_multinode": (8, 2, "ddp"),
+        "ddp_cpu": (2, 1, "ddp_spawn"),
+    }[trainer]
     assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == expected
     assert cfg.trainer.sync_batchnorm is (cfg.trainer.accelerator == "gpu" and cfg.trainer.devices > 1)
     if cfg.trainer.accelerator == "cpu":
@@ -139,16 +144,23 @@ def tiny_arch(**changes) -> dict:
     return arch
 
 
-@pytest.mark.parametrize("arch, message", [
-    (lambda a: {**a, "_target_": "os.system"}, "key '_target_' is not allowed in an arch file"),
-    (lambda a: {**a, "layers": {**a["layers"], "layer1.0": {"_target_": "os.system", "command": "true"}}},
-     "key '_target_' is not allowed in an arch file"),
-    (lambda a: {**a, "layers": {**a["layers"], "layer1.0": {"_recursive_": True, **GOOD_LAYER}}},
-     "key '_recursive_' is not allowed"),
-    (lambda a: {**a, "trainer": {"max_epochs": 1}}, r"unknown keys \['trainer'\]"),
-    # arch files are never composed by Hydra: a defaults list is just an unknown key
-    (lambda a: {**a, "defaults": ["/trainer/gpu"]}, r"unknown keys \['defaults'\]"),
-])
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        (lambda a: {**a, "_target_": "os.system"}, "key '_target_' is not allowed in an arch file"),
+        (
+            lambda a: {**a, "layers": {**a["layers"], "layer1.0": {"_target_": "os.system", "command": "true"}}},
+            "key '_target_' is not allowed in an arch file",
+        ),
+        (
+            lambda a: {**a, "layers": {**a["layers"], "layer1.0": {"_recursive_": True, **GOOD_LAYER}}},
+            "key '_recursive_' is not allowed",
+        ),
+        (lambda a: {**a, "trainer": {"max_epochs": 1}}, r"unknown keys \['trainer'\]"),
+        # arch files are never composed by Hydra: a defaults list is just an unknown key
+        (lambda a: {**a, "defaults": ["/trainer/gpu"]}, r"unknown keys \['defaults'\]"),
+    ],
+)
 def test_arch_yaml_cannot_inject_into_instantiation(cakes_root: Path, arch, message):
     from cakes.ops.arch import ArchError
     from cakes.run import run
@@ -173,15 +185,24 @@ def train_py_with_evil_archs(tmp_path_factory) -> dict:
     arch = tiny_arch()
     arch["layers"]["layer2.1"] = {"_target_": "builtins.open", "_args_": [str(root / "pwned_target"), "w"]}
     write_arch(root, "evil_target", yaml.safe_dump(arch))
-    package = (f"# @package _global_\ndata:\n  batch_size: 999\nhydra:\n  callbacks:\n    evil:\n"
-               f"      _target_: builtins.open\n      _args_: ['{root / 'pwned_hydra_callback'}', 'w']\n"
-               + yaml.safe_dump({"arch": tiny_arch()}))
+    package = (
+        f"# @package _global_\ndata:\n  batch_size: 999\nhydra:\n  callbacks:\n    evil:\n"
+        f"      _target_: builtins.open\n      _args_: ['{root / 'pwned_hydra_callback'}', 'w']\n"
+        + yaml.safe_dump({"arch": tiny_arch()})
+    )
     write_arch(root, "evil_package", package)
     env = {**os.environ, "CAKES_ROOT": str(root), "WANDB_MODE": "offline"}
-    procs = {name: subprocess.Popen([sys.executable, "train.py", "experiment=demo_cakes", f"arch={name}",
-                                     f"hydra.run.dir={root / name}"], cwd=Path(__file__).resolve().parents[1],
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name in ("evil_target", "evil_package")}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "train.py", "experiment=demo_cakes", f"arch={name}", f"hydra.run.dir={root / name}"],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("evil_target", "evil_package")
+    }
     results = {name: (proc.wait(timeout=300), proc.stdout.read()) for name, proc in procs.items()}
     return {"root": root, **results}
 

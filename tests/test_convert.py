@@ -99,8 +99,9 @@ def authors_forward(state: dict[str, torch.Tensor], clip: torch.Tensor) -> torch
     sd = {k.removeprefix("module."): v for k, v in state.items()}
 
     def bn(x, p):
-        return F.batch_norm(x, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"],
-                            False, 0.0, 1e-5)
+        return F.batch_norm(
+            x, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"], False, 0.0, 1e-5
+        )
 
     x = F.relu(bn(F.conv3d(clip, sd["base_model.conv1.weight"], stride=(1, 2, 2), padding=(0, 3, 3)), "base_model.bn1"))
     x = F.max_pool3d(x, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
@@ -130,8 +131,14 @@ def arch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tiny_arch(tmp_path / "tiny_c123d.yaml")
 
 
-def convert(tmp_path: Path, arch_path: Path, state: dict, name: str = "theirs.pth.tar", wrap: bool = True,
-            extra: tuple[str, ...] = ()) -> Path:
+def convert(
+    tmp_path: Path,
+    arch_path: Path,
+    state: dict,
+    name: str = "theirs.pth.tar",
+    wrap: bool = True,
+    extra: tuple[str, ...] = (),
+) -> Path:
     src = tmp_path / name
     torch.save({"epoch": 70, "arch": "resnet50", "state_dict": state, "best_prec1": 47.2} if wrap else state, src)
     return convert_authors(src, tmp_path / "ours.ckpt", [f"arch={arch_path}", *TINY, *extra])
@@ -144,10 +151,12 @@ def test_every_tensor_lands_in_its_group_and_converting_back_reproduces_the_sour
     theirs = {k.removeprefix("module.base_model."): v for k, v in state.items()}
     arch = load_arch(arch_path)
     # layer1.1 has no 3x3x3 group: its 1x3x3 conv is convs.0, its 3x1x1 conv convs.1
-    torch.testing.assert_close(ours["layer1.1.conv2.conv.weights.1x3x3"], theirs["layer1.1.convT.convs.0.0.weight"],
-                               rtol=0, atol=0)
-    torch.testing.assert_close(ours["layer1.1.conv2.conv.weights.3x1x1"], theirs["layer1.1.convT.convs.1.0.weight"],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        ours["layer1.1.conv2.conv.weights.1x3x3"], theirs["layer1.1.convT.convs.0.0.weight"], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        ours["layer1.1.conv2.conv.weights.3x1x1"], theirs["layer1.1.convT.convs.1.0.weight"], rtol=0, atol=0
+    )
     for layer, counts in arch.layers.items():
         present = [s for s in AUTHORS_GROUP_ORDER if counts[s]]
         for i, sub in enumerate(present):
@@ -161,11 +170,16 @@ def test_every_tensor_lands_in_its_group_and_converting_back_reproduces_the_sour
 
     back = convert_to_authors(tmp_path / "ours.ckpt", tmp_path / "back.pth.tar")
     restored = torch.load(back, weights_only=True)
-    assert {k: v for k, v in restored.items() if k != "state_dict"} == {"epoch": 70, "arch": "resnet50",
-                                                                         "best_prec1": 47.2}
+    assert {k: v for k, v in restored.items() if k != "state_dict"} == {
+        "epoch": 70,
+        "arch": "resnet50",
+        "best_prec1": 47.2,
+    }
     assert restored["state_dict"].keys() == state.keys()
-    assert all(torch.equal(restored["state_dict"][k], v) and restored["state_dict"][k].dtype == v.dtype
-               for k, v in state.items())
+    assert all(
+        torch.equal(restored["state_dict"][k], v) and restored["state_dict"][k].dtype == v.dtype
+        for k, v in state.items()
+    )
 
 
 def test_bare_state_dict_without_module_prefix_round_trips(tmp_path, arch_path):
@@ -187,14 +201,23 @@ def test_authors_network_and_ours_give_the_same_logits(tmp_path, arch_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s.pop("module.base_model.layer2.1.bn1.running_var"),
-     r"missing keys: \['base_model.layer2.1.bn1.running_var'\]"),
-    (lambda s: s.__setitem__("module.base_model.layer4.2.convT.extra.weight", torch.zeros(1)),
-     r"unexpected keys: \['base_model.layer4.2.convT.extra.weight'\]"),
-    (lambda s: s.__setitem__("module.new_fc.weight", torch.zeros(7, 256)),
-     r"new_fc.weight: checkpoint \(7, 256\) vs network \(4, 256\)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda s: s.pop("module.base_model.layer2.1.bn1.running_var"),
+            r"missing keys: \['base_model.layer2.1.bn1.running_var'\]",
+        ),
+        (
+            lambda s: s.__setitem__("module.base_model.layer4.2.convT.extra.weight", torch.zeros(1)),
+            r"unexpected keys: \['base_model.layer4.2.convT.extra.weight'\]",
+        ),
+        (
+            lambda s: s.__setitem__("module.new_fc.weight", torch.zeros(7, 256)),
+            r"new_fc.weight: checkpoint \(7, 256\) vs network \(4, 256\)",
+        ),
+    ],
+)
 def test_missing_unexpected_and_misshapen_keys_are_named(tmp_path, arch_path, change, message):
     state = authors_state(arch_path)
     change(state)
@@ -241,8 +264,17 @@ def test_command_line_and_a_test_only_train_run(tmp_path, arch_path, capsys):
     assert main(["authors", str(src), str(tmp_path / "x.ckpt")]) == 1
     assert "arch=ssv1_cakes123d_p" in capsys.readouterr().err
     video = [o for o in TINY_VIDEO if not o.startswith("data.num_classes=")]
-    cfg = compose_config("train", ["experiment=demo_cakes", f"arch={arch_path}", *video, f"data.num_classes={CLASSES}",
-                                   f"init={tmp_path / 'ours.ckpt'}", "train=false"])
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=demo_cakes",
+            f"arch={arch_path}",
+            *video,
+            f"data.num_classes={CLASSES}",
+            f"init={tmp_path / 'ours.ckpt'}",
+            "train=false",
+        ],
+    )
     cfg.paths.output_dir = str(tmp_path / "run")
     metrics = run(cfg)
     assert metrics["test/videos"] == 8 and 0.0 <= metrics["test/top1"] <= 1.0

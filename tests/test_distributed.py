@@ -32,8 +32,11 @@ def test_global_batch_is_derived_or_checked():
     assert resolve_batch_size(12, None, devices=8, num_nodes=2, accumulate=2)["global"] == 384
     split = resolve_batch_size(999, 96, devices=8, num_nodes=2)
     assert (split["per_device"], split["global"]) == (6, 96)
-    with pytest.raises(BatchSizeError, match=r"global_batch_size=96 does not split evenly over 7 device\(s\) x "
-                                             r"1 node\(s\) x 1 accumulation step\(s\) = 7"):
+    with pytest.raises(
+        BatchSizeError,
+        match=r"global_batch_size=96 does not split evenly over 7 device\(s\) x "
+        r"1 node\(s\) x 1 accumulation step\(s\) = 7",
+    ):
         resolve_batch_size(12, 96, devices=7)
     with pytest.raises(BatchSizeError, match="= 32 per-device"):
         resolve_batch_size(12, 48, devices=8, num_nodes=2, accumulate=2)
@@ -57,13 +60,16 @@ def test_global_batch_size_is_checked_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("operator, strategy, expected", [
-    ("performance_priority", "ddp", "ddp_find_unused_parameters_true"),
-    ("performance_priority", "ddp_spawn", "ddp_spawn_find_unused_parameters_true"),
-    ("performance_priority", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_true"),
-    ("performance_priority", "auto", "auto"),
-    ("cost_priority", "ddp", "ddp"),
-])
+@pytest.mark.parametrize(
+    "operator, strategy, expected",
+    [
+        ("performance_priority", "ddp", "ddp_find_unused_parameters_true"),
+        ("performance_priority", "ddp_spawn", "ddp_spawn_find_unused_parameters_true"),
+        ("performance_priority", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_true"),
+        ("performance_priority", "auto", "auto"),
+        ("cost_priority", "ddp", "ddp"),
+    ],
+)
 def test_find_unused_parameters_only_for_performance_priority(operator, strategy, expected):
     cfg = compose_config("search", [f"operator={operator}", f"trainer.strategy={strategy}"])
     assert ddp_strategy(cfg) == expected
@@ -72,10 +78,22 @@ def test_find_unused_parameters_only_for_performance_priority(operator, strategy
 
 def test_torchrun_without_a_shared_run_dir_is_refused(tmp_path):
     """Every torchrun/srun process composes its own config: a time-stamped run dir would differ."""
-    env = {**os.environ, "CAKES_ROOT": str(tmp_path), "TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": "2", "RANK": "0",
-           "LOCAL_RANK": "0"}
-    result = subprocess.run([sys.executable, "train.py", "experiment=demo_c3d", *TINY], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "CAKES_ROOT": str(tmp_path),
+        "TORCHELASTIC_RUN_ID": "t",
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+    }
+    result = subprocess.run(
+        [sys.executable, "train.py", "experiment=demo_c3d", *TINY],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "without hydra.run.dir" in result.stderr + result.stdout
     assert not list((tmp_path / "logs").glob("**/checkpoints"))
@@ -102,10 +120,10 @@ def test_ddp_search_and_retrain_one_run_dir_each(tmp_path):
     data = tmp_path / "ssv1"
     n_val = odd_val_set(data)
     env = {**os.environ, "CAKES_ROOT": str(tmp_path), "WANDB_MODE": "offline"}
-    common = [*TINY, f"data.root={data}", "trainer=ddp_cpu", "++trainer.limit_val_batches=1.0",
-              "trainer.max_epochs=1"]
-    search = subprocess.run([sys.executable, "search.py", *common], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    common = [*TINY, f"data.root={data}", "trainer=ddp_cpu", "++trainer.limit_val_batches=1.0", "trainer.max_epochs=1"]
+    search = subprocess.run(
+        [sys.executable, "search.py", *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert search.returncode == 0, search.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path, "demo_search")
     exports = list((tmp_path / "found" / "arch").glob("*.yaml"))
@@ -120,9 +138,21 @@ def test_ddp_search_and_retrain_one_run_dir_each(tmp_path):
     assert command.endswith(f"arch={exports[0]}")  # by absolute path
 
     # retrain what was found, with plain ddp: Lightning re-launches train.py with hydra.run.dir
-    retrain = subprocess.run([sys.executable, "train.py", "experiment=demo_cakes", f"arch={exports[0].stem}",
-                              *common, "trainer.strategy=ddp"], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=600)
+    retrain = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "experiment=demo_cakes",
+            f"arch={exports[0].stem}",
+            *common,
+            "trainer.strategy=ddp",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert retrain.returncode == 0, retrain.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path, "demo_cakes")
     metrics = json.loads((run_dir / "metrics.json").read_text())

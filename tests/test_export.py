@@ -43,8 +43,11 @@ def test_onnx_export_matches_pytorch(tmp_path, case, capsys):
     overrides = {
         "c3d": ["experiment=demo_c3d", *TINY],
         "published": ["experiment=demo_cakes", f"arch={published_tiny(tmp_path)}", *TINY],
-        "found": ["experiment=demo_cakes", f"arch={ROOT / 'benchmarks' / 'archs' / 'demo_search_found_c123d.yaml'}",
-                  *TINY],
+        "found": [
+            "experiment=demo_cakes",
+            f"arch={ROOT / 'benchmarks' / 'archs' / 'demo_search_found_c123d.yaml'}",
+            *TINY,
+        ],
     }[case]
     out = tmp_path / "model.onnx"
     torch.manual_seed(0)
@@ -72,8 +75,13 @@ def test_onnx_export_from_a_checkpoint(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     from cakes.utils import plain
 
-    torch.save({"hyper_parameters": {"net": plain(cfg.model.net), "input_shape": plain(cfg.model.input_shape)},
-                "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, ckpt)
+    torch.save(
+        {
+            "hyper_parameters": {"net": plain(cfg.model.net), "input_shape": plain(cfg.model.input_shape)},
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+        },
+        ckpt,
+    )
     out = export.main([f"ckpt={ckpt}", "format=onnx", f"out={tmp_path / 'ckpt.onnx'}", "batch=2"])
     check_parity(net, out, (2, 3, 4, 32, 32))
 
@@ -96,8 +104,16 @@ def test_export_arguments_and_checkpoints_are_checked(tmp_path):
     cfg = compose_train_config(["experiment=demo_c3d"])
     from cakes.utils import plain
 
-    torch.save({"hyper_parameters": {"net": plain(cfg.model.net), "input_shape": [3, 4, 32, 32]},
-                "state_dict": {"net.fc.weight": torch.zeros(1)}}, tmp_path / "bad.ckpt")
-    with pytest.raises(ValueError, match=r"bad.ckpt: weights do not fit the stored network; missing: "
-                       r"\[.*'conv1.weight'.*other shapes: \['fc.weight \(1,\) \(network: \(4, 256\)\)'\]"):
+    torch.save(
+        {
+            "hyper_parameters": {"net": plain(cfg.model.net), "input_shape": [3, 4, 32, 32]},
+            "state_dict": {"net.fc.weight": torch.zeros(1)},
+        },
+        tmp_path / "bad.ckpt",
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"bad.ckpt: weights do not fit the stored network; missing: "
+        r"\[.*'conv1.weight'.*other shapes: \['fc.weight \(1,\) \(network: \(4, 256\)\)'\]",
+    ):
         export.network_from_checkpoint(tmp_path / "bad.ckpt")

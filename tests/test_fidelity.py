@@ -37,8 +37,9 @@ def test_uniform_lasso_adds_exactly_s_sign_gamma_to_every_path():
     slot(torch.randn(2, 3, 3, 5, 5)).square().mean().backward()
     before = slot.norm.weight.grad.clone()
     apply_lasso(slot, 0.25)
-    torch.testing.assert_close(slot.norm.weight.grad - before, 0.25 * torch.sign(slot.norm.weight.detach()),
-                               atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        slot.norm.weight.grad - before, 0.25 * torch.sign(slot.norm.weight.detach()), atol=1e-7, rtol=0
+    )
 
 
 def test_search_cost_uniform_composes_into_the_supernet(tmp_path, monkeypatch):
@@ -73,10 +74,13 @@ def test_p3d_temporal_conv_follows_the_authors_init_after_imagenet_loading(tmp_p
     net = ResNet3d(operator=Homogeneous("p3d"), width=0.5, num_classes=10, pretrained=path)
     temporal = torch.cat([m[1].weight.detach().flatten() for m in net.modules() if isinstance(m, HomogeneousConv3d)])
     # every temporal conv is C→C with C in {32, 64, 128, 256}: pool the standardised weights
-    standardised = torch.cat([
-        m[1].weight.detach().flatten() / math.sqrt(2.0 / (m.out_channels * 3))
-        for m in net.modules() if isinstance(m, HomogeneousConv3d)
-    ])
+    standardised = torch.cat(
+        [
+            m[1].weight.detach().flatten() / math.sqrt(2.0 / (m.out_channels * 3))
+            for m in net.modules()
+            if isinstance(m, HomogeneousConv3d)
+        ]
+    )
     assert temporal.numel() > 100_000
     assert standardised.std().item() == pytest.approx(1.0, rel=0.02)
 

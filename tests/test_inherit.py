@@ -37,8 +37,11 @@ def randomise(net: torch.nn.Module, seed: int) -> None:
 
 
 def supernet(mode: str, sampling: str = "per_channel", selection: str = "layer_topk") -> ResNet3d:
-    factory = (CostPriority("c123d") if mode == "cost"
-               else PerformancePriority("c123d", sampling=sampling, selection=selection, seed=0))
+    factory = (
+        CostPriority("c123d")
+        if mode == "cost"
+        else PerformancePriority("c123d", sampling=sampling, selection=selection, seed=0)
+    )
     net = ResNet3d(operator=factory, width=WIDTH, num_classes=CLASSES)
     randomise(net, seed=1)
     return net.eval()
@@ -64,11 +67,14 @@ def mask_dropped_paths(net: ResNet3d) -> None:
             slot.norm.bias[~keep] = 0
 
 
-@pytest.mark.parametrize("mode, sampling, selection", [
-    ("cost", None, None),
-    ("performance", "per_channel", "channel_argmax"),
-    ("performance", "pair_subset", "layer_topk"),
-])
+@pytest.mark.parametrize(
+    "mode, sampling, selection",
+    [
+        ("cost", None, None),
+        ("performance", "per_channel", "channel_argmax"),
+        ("performance", "pair_subset", "layer_topk"),
+    ],
+)
 def test_derived_eval_forward_equals_the_supernets(mode, sampling, selection):
     sup = supernet(mode, sampling, selection)
     derived = ResNet3d(operator=Derived(derived_arch(sup)), width=WIDTH, num_classes=CLASSES).eval()

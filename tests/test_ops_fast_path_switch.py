@@ -113,11 +113,13 @@ def test_environment_variable_is_read_at_import():
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     for value, want in (("off", "False CatBackward0"), ("1", "True CakesConvCPUBackward")):
-        out = subprocess.run([sys.executable, "-c", code], env={**env, switch.ENV_VAR: value},
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**env, switch.ENV_VAR: value}, capture_output=True, text=True, check=True
+        ).stdout
         assert out.split("\n")[-2] == want, (value, out)
-    bad = subprocess.run([sys.executable, "-c", "import cakes.ops"], env={**env, switch.ENV_VAR: "maybe"},
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-c", "import cakes.ops"], env={**env, switch.ENV_VAR: "maybe"}, capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "CAKES_FAST_PATH" in bad.stderr and "'maybe'" in bad.stderr
 
 
@@ -182,8 +184,23 @@ def test_shim_failures_disable_the_fast_path(monkeypatch, caplog):
 def test_ops_benchmark_ab_times_the_fast_path_on_and_off(capsys):
     from test_benchmarks import load, table_rows
 
-    load("ops").main(["--only", "res5", "--splits", "thirds", "--layouts", "channels_last", "--reps", "1",
-                      "--warmup", "0", "--batch", "1", "--ab"])
+    load("ops").main(
+        [
+            "--only",
+            "res5",
+            "--splits",
+            "thirds",
+            "--layouts",
+            "channels_last",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "1",
+            "--ab",
+        ]
+    )
     out = capsys.readouterr().out
     assert "conv plan fused, fast path on" in out
     (_, ab) = table_rows(out)

@@ -38,8 +38,12 @@ def check_contract(op: CakesConv3d, x: torch.Tensor, atol: float = 1e-5) -> None
     ref = dense_reference(op, x)
     torch.testing.assert_close(y, ref, atol=atol, rtol=1e-5)
     gy = torch.randn_like(ref) * 0.1
-    for name, g, w in zip(["x", *(n for n, _ in op.named_parameters())], torch.autograd.grad(y, params, gy),
-                          torch.autograd.grad(ref, params, gy), strict=True):
+    for name, g, w in zip(
+        ["x", *(n for n, _ in op.named_parameters())],
+        torch.autograd.grad(y, params, gy),
+        torch.autograd.grad(ref, params, gy),
+        strict=True,
+    ):
         torch.testing.assert_close(g, w, atol=atol, rtol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
     with torch.no_grad():
         torch.testing.assert_close(op(x), ref, atol=atol, rtol=1e-5)
@@ -52,8 +56,9 @@ def check_contract(op: CakesConv3d, x: torch.Tensor, atol: float = 1e-5) -> None
 def test_every_execution_keeps_the_contract(execution, op_set, stride, channels_last):
     rng = random.Random(f"{execution}{op_set}{stride}{channels_last}")
     torch.manual_seed(rng.randint(0, 2**31))
-    op = CakesConv3d(5, random_counts(OP_SETS[op_set].names, rng.randint(7, 13), rng), stride=stride,
-                     bias=rng.random() < 0.5)
+    op = CakesConv3d(
+        5, random_counts(OP_SETS[op_set].names, rng.randint(7, 13), rng), stride=stride, bias=rng.random() < 0.5
+    )
     x = torch.randn(2, 5, 5, 7, 6)
     if channels_last:
         x, op = x.contiguous(memory_format=CL), op.to(memory_format=CL)
@@ -105,7 +110,7 @@ def test_real_measurement_times_every_candidate_without_touching_grads():
     x = torch.randn(2, 8, 4, 6, 6).contiguous(memory_format=CL).requires_grad_(True)
     y = op(x)
     assert all(p.grad is None for p in op.parameters()) and x.grad is None
-    (key, times), = plan.timings().items()
+    ((key, times),) = plan.timings().items()
     assert key[4] is True and set(times) == set(plan.EXECUTIONS) and all(0 < t < 60 for t in times.values())
     assert plan.choices()[key] == min(times, key=times.__getitem__)
     y.sum().backward()  # the chosen execution's graph is intact
@@ -156,8 +161,13 @@ def test_configure_and_environment_variable_validate_the_mode():
     assert done.returncode != 0
     assert "environment variable CAKES_CONV_PLAN: unknown conv plan mode 'bogus'" in done.stderr
     env[plan.ENV_VAR] = "Dense"
-    done = subprocess.run([sys.executable, "-c", "from cakes.ops import plan; print(plan.mode())"], env=env,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "from cakes.ops import plan; print(plan.mode())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.strip() == "dense"
 
 

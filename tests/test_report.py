@@ -69,8 +69,9 @@ def test_report_runs_writes_table_and_plot_and_skips_finished_runs(tmp_path, mon
     # the retrain trained exactly the yaml its own search wrote
     search_arch = next((out / "runs" / "found_cost_s_0.0001" / "search" / "seed1" / "arch").glob("*.yaml"))
     retrain_cfg = OmegaConf.load(out / "runs" / "found_cost_s_0.0001" / "seed1" / "config_resolved.yaml")
-    assert OmegaConf.to_container(retrain_cfg.operator.arch.layers) == \
-        OmegaConf.to_container(OmegaConf.load(search_arch).layers)
+    assert OmegaConf.to_container(retrain_cfg.operator.arch.layers) == OmegaConf.to_container(
+        OmegaConf.load(search_arch).layers
+    )
 
     # a rerun runs nothing and reads every metric back
     capsys.readouterr()

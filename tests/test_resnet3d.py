@@ -30,8 +30,9 @@ def meta_net(operator, frames=8, **kw):
     return net, profile(net, (1, 3, frames, 224, 224))
 
 
-@pytest.mark.parametrize("kind, params, gmacs", [("c2d", 23_864_558, 32.70), ("p3d", 27_636_974, 37.63),
-                                                 ("c3d", 46_499_054, 62.29)])
+@pytest.mark.parametrize(
+    "kind, params, gmacs", [("c2d", 23_864_558, 32.70), ("p3d", 27_636_974, 37.63), ("c3d", 46_499_054, 62.29)]
+)
 def test_baseline_counts_are_exact(kind, params, gmacs):
     _, prof = meta_net(Homogeneous(kind))
     assert prof.params == params
@@ -52,8 +53,10 @@ def test_closed_form_params_for_any_config():
     arch = load_arch(ARCHS / "ssv1_cakes123d_p.yaml")
     planes = ResNet3d.slots(depth=50, width=1.0)
     vol = {"3x3x3": 27, "1x3x3": 9, "3x1x1": 3}
-    closed = 23_864_558 - 11_317_248 + sum(
-        planes[name] * sum(vol[k] * n for k, n in counts.items()) for name, counts in arch.layers.items()
+    closed = (
+        23_864_558
+        - 11_317_248
+        + sum(planes[name] * sum(vol[k] * n for k, n in counts.items()) for name, counts in arch.layers.items())
     )
     _, prof = meta_net(Derived(arch))
     assert prof.params == closed
@@ -135,8 +138,9 @@ def test_c2d_init_consumes_every_key(imagenet_file):
     torch.testing.assert_close(net.conv1.weight[:, :, 0], state["conv1.weight"])
     torch.testing.assert_close(net.layer3[2].conv2.conv[0].weight[:, :, 0], state["layer3.2.conv2.weight"])
     torch.testing.assert_close(net.layer3[2].conv2.norm.running_var, state["layer3.2.bn2.running_var"])
-    torch.testing.assert_close(net.layer2[0].downsample[0].weight[:, :, 0, 0, 0],
-                               state["layer2.0.downsample.0.weight"][:, :, 0, 0])
+    torch.testing.assert_close(
+        net.layer2[0].downsample[0].weight[:, :, 0, 0, 0], state["layer2.0.downsample.0.weight"][:, :, 0, 0]
+    )
 
 
 def test_cakes_groups_follow_inflation_rules(imagenet_file):

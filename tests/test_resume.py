@@ -24,8 +24,13 @@ from cakes.sampler import ResumableSampler
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_VIDEO, "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
 # 3 epochs x 3 batches, a periodic checkpoint every 2 steps (so steps 2, 4, 6, 8: two of them mid-epoch)
-RESUMABLE = ["trainer.max_epochs=3", "+trainer.limit_train_batches=3", "trainer.deterministic=true",
-             "callbacks.periodic_checkpoint.every_n_train_steps=2", "test=false"]
+RESUMABLE = [
+    "trainer.max_epochs=3",
+    "+trainer.limit_train_batches=3",
+    "trainer.deterministic=true",
+    "callbacks.periodic_checkpoint.every_n_train_steps=2",
+    "test=false",
+]
 PAUSE_ENV = "CAKES_TEST_PAUSE_AT_STEP"
 
 
@@ -103,8 +108,16 @@ def test_resumable_sampler_is_pure_and_starts_mid_epoch():
 
 # --------------------------------------------------------------------------- end to end
 def train_cmd(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", "experiment=demo_c3d", *TINY, *RESUMABLE,
-            "+callbacks.pause._target_=test_resume.PauseAtStep", f"hydra.run.dir={run_dir}", *extra]
+    return [
+        sys.executable,
+        "train.py",
+        "experiment=demo_c3d",
+        *TINY,
+        *RESUMABLE,
+        "+callbacks.pause._target_=test_resume.PauseAtStep",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -128,14 +141,24 @@ def test_stratified_order_balances_every_batch_and_stays_resumable():
 
 
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
-    env = {**os.environ, "CAKES_ROOT": str(tmp_path), "WANDB_MODE": "offline",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}  # this checkout's code
+    env = {
+        **os.environ,
+        "CAKES_ROOT": str(tmp_path),
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+    }  # this checkout's code
     env.pop(PAUSE_ENV, None)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
 
     # the killed run: paused after step 5 (periodic checkpoint at step 4, mid-epoch), then SIGKILL
-    proc = subprocess.Popen(train_cmd(killed), cwd=ROOT, env={**env, PAUSE_ENV: "5"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(killed),
+        cwd=ROOT,
+        env={**env, PAUSE_ENV: "5"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # meanwhile, the uninterrupted run
     result = subprocess.run(train_cmd(whole), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,8 +174,14 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     # the command the run recorded: the same overrides, resume=auto, the same run directory
     command = (killed / "resume_command.txt").read_text().strip()
     assert command.endswith(f"hydra.run.dir={killed} resume=auto") and "experiment=demo_c3d" in command
-    result = subprocess.run(shlex.split(command.replace("python", sys.executable, 1)), cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        shlex.split(command.replace("python", sys.executable, 1)),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "periodic-step0000004.ckpt" in (killed / "run_info.resume1.json").read_text()
     assert_same_final_state(whole, killed)
@@ -180,9 +209,19 @@ def test_sigterm_saves_last_and_resume_matches(tmp_path, monkeypatch):
     monkeypatch.setenv("CAKES_ROOT", str(tmp_path))
 
     def config(out: Path, *extra: str):
-        cfg = compose_config("search", [*TINY, *RESUMABLE, "operator=performance_priority", "search.lasso=0",
-                                        # one warm-up epoch: the resumes cross the full-kernel/sampling boundary
-                                        "search.shared_kernel=true", "search.full_kernel_epochs=1", *extra])
+        cfg = compose_config(
+            "search",
+            [
+                *TINY,
+                *RESUMABLE,
+                "operator=performance_priority",
+                "search.lasso=0",
+                # one warm-up epoch: the resumes cross the full-kernel/sampling boundary
+                "search.shared_kernel=true",
+                "search.full_kernel_epochs=1",
+                *extra,
+            ],
+        )
         cfg.paths.output_dir = str(out)
         return cfg
 
@@ -210,13 +249,23 @@ def test_volume_run_resumed_mid_epoch_matches(tmp_path, monkeypatch):
 
     def config(out: Path, *extra: str):
         # 4 training cases, one per step: epochs of 4 steps; stop after step 2, end at step 6
-        cfg = compose_config("train", ["experiment=demo_msd_c3d", *FAST, "trainer.max_steps=6",
-                                       "trainer.val_check_interval=3", "trainer.deterministic=true", "test=false",
-                                       *extra])
+        cfg = compose_config(
+            "train",
+            [
+                "experiment=demo_msd_c3d",
+                *FAST,
+                "trainer.max_steps=6",
+                "trainer.val_check_interval=3",
+                "trainer.deterministic=true",
+                "test=false",
+                *extra,
+            ],
+        )
         cfg.paths.output_dir = str(out)
         return cfg
 
     last = stop_then_resume(config, tmp_path, step=1)
     assert (last["global_step"], last["epoch"]) == (2, 0)  # mid-epoch
-    assert_same_final_state(tmp_path / "whole", tmp_path / "stopped", step=6, epoch=1,
-                            module="VolumeSegmentationModule")
+    assert_same_final_state(
+        tmp_path / "whole", tmp_path / "stopped", step=6, epoch=1, module="VolumeSegmentationModule"
+    )

@@ -70,8 +70,9 @@ def short_search(op_set: str, sampling: str) -> tuple[nn.Module, Tensor, Tensor,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op_set, sampling", [("c123d", "per_channel"), ("c123d", "pair_subset"),
-                                              ("c23d", "split_uniform")])
+@pytest.mark.parametrize(
+    "op_set, sampling", [("c123d", "per_channel"), ("c123d", "pair_subset"), ("c23d", "split_uniform")]
+)
 def test_eval_mode_supernet_scores_like_training(op_set, sampling):
     net, x, y, train_acc = short_search(op_set, sampling)
     assert train_acc > 0.8, f"the {sampling} supernet did not learn (train acc {train_acc:.2f}; chance 0.5)"

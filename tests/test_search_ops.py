@@ -22,8 +22,7 @@ from cakes.utils import mix_seed
 
 
 def cost_slot(op_set="c123d", width=4, in_channels=3, cost="volume") -> CostPrioritySlot:
-    return CostPriority(op_set, cost=cost)(layer="l", in_channels=in_channels, out_channels=width,
-                                           norm=nn.BatchNorm3d)
+    return CostPriority(op_set, cost=cost)(layer="l", in_channels=in_channels, out_channels=width, norm=nn.BatchNorm3d)
 
 
 def perf_slot(op_set="c123d", width=6, in_channels=3, sampling="per_channel", selection="auto", shared_kernel=False):
@@ -80,14 +79,25 @@ def test_lasso_changes_only_operator_gamma_grads_by_exactly_s_w_sign():
 @pytest.mark.parametrize("rule", ["layer_topk", "channel_argmax"])
 def test_selection_rules_on_hand_set_gammas(rule):
     slot = cost_slot(op_set="c123d", width=4)
-    gamma = torch.tensor([
-        # 3x3x3 per channel
-        0.9, 0.1, 0.8, 0.05,
-        # 1x3x3
-        0.2, 0.7, 0.85, 0.1,
-        # 3x1x1
-        -0.3, 0.6, 0.0, -0.95,
-    ])
+    gamma = torch.tensor(
+        [
+            # 3x3x3 per channel
+            0.9,
+            0.1,
+            0.8,
+            0.05,
+            # 1x3x3
+            0.2,
+            0.7,
+            0.85,
+            0.1,
+            # 3x1x1
+            -0.3,
+            0.6,
+            0.0,
+            -0.95,
+        ]
+    )
     with torch.no_grad():
         slot.norm.weight.copy_(gamma)
     counts = slot.counts(rule)
@@ -148,9 +158,14 @@ def test_performance_slot_training_computes_sampled_pairs_and_updates_bn(samplin
 
 
 @pytest.mark.parametrize("shared_kernel", [False, True])
-@pytest.mark.parametrize("op_set, sampling, rule", [("c123d", "per_channel", "channel_argmax"),
-                                                    ("c123d", "pair_subset", "layer_topk"),
-                                                    ("c23d", "split_uniform", "layer_topk")])
+@pytest.mark.parametrize(
+    "op_set, sampling, rule",
+    [
+        ("c123d", "per_channel", "channel_argmax"),
+        ("c123d", "pair_subset", "layer_topk"),
+        ("c23d", "split_uniform", "layer_topk"),
+    ],
+)
 def test_performance_slot_eval_is_deterministic_and_equals_derived(op_set, sampling, rule, shared_kernel):
     torch.manual_seed(0)
     slot = perf_slot(op_set=op_set, sampling=sampling, selection=rule, width=6, shared_kernel=shared_kernel)
@@ -193,8 +208,9 @@ def test_supernet_imagenet_init_each_op_from_all_rows():
     assert "norm.running_var" in loaded and "candidates.weights.3x1x1" in loaded
 
 
-@pytest.mark.parametrize("sampling, layout", [("per_channel", "channel"), ("pair_subset", "op_major"),
-                                              ("split_uniform", "op_major")])
+@pytest.mark.parametrize(
+    "sampling, layout", [("per_channel", "channel"), ("pair_subset", "op_major"), ("split_uniform", "op_major")]
+)
 def test_eval_puts_every_pair_where_training_puts_it(sampling, layout):
     """The layout contract behind eval consistency: a training draw and the eval selection agree
     on what an output position means (its channel, or its rank in op-major order)."""
@@ -217,8 +233,11 @@ def test_sampling_and_selection_must_agree():
     assert PerformancePriority("c23d", sampling="authors").sampler.mode == "split_uniform"
     assert PerformancePriority("c123d", sampling="authors").sampler.mode == "pair_subset"
     assert PerformancePriority("c12d", sampling="authors").sampler.mode == "pair_subset"
-    with pytest.raises(ValueError, match=r"search.selection=layer_topk does not fit search.sampling=per_channel.*"
-                                         r"Use search.selection=channel_argmax"):
+    with pytest.raises(
+        ValueError,
+        match=r"search.selection=layer_topk does not fit search.sampling=per_channel.*"
+        r"Use search.selection=channel_argmax",
+    ):
         PerformancePriority("c123d", sampling="per_channel", selection="layer_topk")
     with pytest.raises(ValueError, match=r"selection=channel_argmax does not fit search.sampling=pair_subset"):
         PerformancePriority("c123d", sampling="pair_subset", selection="channel_argmax")
@@ -255,8 +274,12 @@ def test_shared_kernel_slot_runs_marginals_of_one_kernel():
         torch.testing.assert_close(slot.op_weight(sub), marginal(full, sub))
     static = torch.randn(1, 3, 1, 6, 6).expand(1, 3, 5, 6, 6)
     conv = torch.nn.functional.conv3d
-    torch.testing.assert_close(conv(static, slot.op_weight(slot.op_set.subkernels[1]), padding=(0, 1, 1))[:, :, 1:-1],
-                               conv(static, full, padding=1)[:, :, 1:-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        conv(static, slot.op_weight(slot.op_set.subkernels[1]), padding=(0, 1, 1))[:, :, 1:-1],
+        conv(static, full, padding=1)[:, :, 1:-1],
+        atol=1e-5,
+        rtol=1e-5,
+    )
     slot.op_weight(slot.op_set.subkernels[2]).sum().backward()  # gradients of every op reach the one kernel
     assert full.grad is not None and full.grad.abs().sum() > 0
     # ImageNet init: the shared kernel inflated, so every op holds exactly its published inflation
@@ -277,18 +300,29 @@ def test_full_kernel_warmup_runs_the_full_kernel_on_every_channel():
         ref = torch.nn.functional.conv3d(x, slot.candidates.weights["3x3x3"], padding=1)
         bn = slot.norm
         entries = slice(0, 6)  # op 0 (3x3x3) of every channel
-        ref = torch.nn.functional.batch_norm(ref, bn.running_mean[entries].clone(), bn.running_var[entries].clone(),
-                                             bn.weight[entries], bn.bias[entries], training, 0.0, bn.eps)
+        ref = torch.nn.functional.batch_norm(
+            ref,
+            bn.running_mean[entries].clone(),
+            bn.running_var[entries].clone(),
+            bn.weight[entries],
+            bn.bias[entries],
+            training,
+            0.0,
+            bn.eps,
+        )
         torch.testing.assert_close(slot(x), ref, atol=1e-5, rtol=1e-5)
     slot.sampler.full_kernel = False
     slot.train()
     assert not torch.equal(slot(x), slot(x))  # sampling again
 
 
-@pytest.mark.parametrize("op_set, shared, message", [
-    ("c123d", False, r"shared_kernel=true.*layer 'l' \(op set c123d, shared_kernel=False\)"),
-    ("c12d", True, r"full kernel \(3x3x3\) in the op set.*op set c12d"),
-])
+@pytest.mark.parametrize(
+    "op_set, shared, message",
+    [
+        ("c123d", False, r"shared_kernel=true.*layer 'l' \(op set c123d, shared_kernel=False\)"),
+        ("c12d", True, r"full kernel \(3x3x3\) in the op set.*op set c12d"),
+    ],
+)
 def test_full_kernel_warmup_needs_a_shared_full_kernel(op_set, shared, message):
     from types import SimpleNamespace
 
@@ -328,5 +362,6 @@ def test_cost_slot_full_kernel_warmup_trains_only_the_full_paths():
     callback.on_before_optimizer_step(None, net, None)
     assert not torch.equal(slot.norm.weight.grad, gamma_grad)  # lasso after it
     with pytest.raises(ValueError, match=r"full kernel \(3x3x3\) in the op set.*layer 'l' \(op set c12d\)"):
-        SupernetCallback(full_kernel_epochs=1).on_fit_start(SimpleNamespace(current_epoch=0),
-                                                            nn.Sequential(cost_slot("c12d")))
+        SupernetCallback(full_kernel_epochs=1).on_fit_start(
+            SimpleNamespace(current_epoch=0), nn.Sequential(cost_slot("c12d"))
+        )

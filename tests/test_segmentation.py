@@ -22,9 +22,17 @@ REGIONS = {"pancreas": [1, 2], "tumour": [2]}
 # CPU-sized overrides of the demo recipes: small synthetic set, 2 mm, 32³ patches, 1/8 width, a couple of steps
 FAST = [
     "backbone.width=0.125",
-    "data.num_cases=6", "data.shape=[40,40,16]", "data.spacing=[2.0,2.0,2.0]", "data.val_fraction=0.34",
-    "data.batch_size=2", "data.crops_per_volume=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
-    "+trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "model.evaluation.overlap=0.25",
+    "data.num_cases=6",
+    "data.shape=[40,40,16]",
+    "data.spacing=[2.0,2.0,2.0]",
+    "data.val_fraction=0.34",
+    "data.batch_size=2",
+    "data.crops_per_volume=2",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "+trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "model.evaluation.overlap=0.25",
 ]
 
 
@@ -67,10 +75,19 @@ class Constant(nn.Module):
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
 def test_sliding_window_covers_the_whole_volume(mode):
-    net = {"_target_": "cakes.backbones.C2FNAS", "width": 0.125, "num_classes": 3,
-           "operator": {"_target_": "cakes.ops.Homogeneous", "kind": "c3d"}}
-    module = VolumeSegmentationModule(net, {"lr": 0.01, "weight_decay": 0.0}, {}, input_shape=[1, 32, 32, 32],
-                                      evaluation={"regions": REGIONS, "mode": mode, "overlap": 0.25})
+    net = {
+        "_target_": "cakes.backbones.C2FNAS",
+        "width": 0.125,
+        "num_classes": 3,
+        "operator": {"_target_": "cakes.ops.Homogeneous", "kind": "c3d"},
+    }
+    module = VolumeSegmentationModule(
+        net,
+        {"lr": 0.01, "weight_decay": 0.0},
+        {},
+        input_shape=[1, 32, 32, 32],
+        evaluation={"regions": REGIONS, "mode": mode, "overlap": 0.25},
+    )
     volume = torch.randn(1, 1, 45, 33, 70)  # no side a multiple of the window
     with torch.no_grad():
         logits = module.predict_volume(volume)
@@ -95,8 +112,12 @@ def cakes_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.slow
 def test_train_validate_test_loop_writes_results(cakes_root: Path):
-    cfg = fast_config("train", cakes_root, "train", ["experiment=demo_msd_c3d", "data.eval_space=original",
-                                                      "model.evaluation.save_predictions=true"])
+    cfg = fast_config(
+        "train",
+        cakes_root,
+        "train",
+        ["experiment=demo_msd_c3d", "data.eval_space=original", "model.evaluation.save_predictions=true"],
+    )
     metrics = run(cfg)
     out = Path(cfg.paths.output_dir)
     for key in ("train/loss_epoch", "val/dsc_pancreas", "val/dsc_mean", "test/dsc_pancreas", "test/dsc_label2"):
@@ -115,8 +136,9 @@ def test_train_validate_test_loop_writes_results(cakes_root: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["operator=cost_priority", "operator=performance_priority search.lasso=0"],
-                         ids=["cost", "performance"])
+@pytest.mark.parametrize(
+    "mode", ["operator=cost_priority", "operator=performance_priority search.lasso=0"], ids=["cost", "performance"]
+)
 def test_search_exports_arch_and_retrain_reads_it(cakes_root: Path, mode: str):
     search = fast_config("search", cakes_root, "search", ["experiment=demo_msd_search", *mode.split()])
     run(search)
@@ -124,22 +146,24 @@ def test_search_exports_arch_and_retrain_reads_it(cakes_root: Path, mode: str):
     arch = load_arch(cakes_root / "found" / "arch" / f"{name}.yaml")
     assert arch.backbone == "c2fnas" and arch.op_set == "v123d" and list(arch.layers) == list(C2FNAS.slots(width=0.125))
     assert arch.meta["found_params"] <= arch.meta["c3d_params"]
-    retrain = fast_config("train", cakes_root, "retrain", ["experiment=demo_msd_cakes", f"arch={name}",
-                                                           "test=false"])
+    retrain = fast_config("train", cakes_root, "retrain", ["experiment=demo_msd_cakes", f"arch={name}", "test=false"])
     metrics = run(retrain)
     assert np.isfinite(metrics["val/dsc_pancreas"])
     ckpt = torch.load(next((Path(retrain.paths.output_dir) / "checkpoints").glob("last.ckpt")), weights_only=False)
     assert ckpt["cakes"]["backbone"] == "c2fnas" and ckpt["hyper_parameters"]["net"]["operator"]["arch"]["layers"]
 
 
-@pytest.mark.parametrize("overrides", [
-    "experiment=msd_uniform operator.op_set=v2d",
-    "experiment=msd_search",
-    "experiment=msd_search operator=performance_priority search.lasso=0",
-    "experiment=nih_c2fnas_3d data.fold=2",
-    "experiment=msd_c2fnas_panc",
-    "experiment=demo_msd_c3d",
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "experiment=msd_uniform operator.op_set=v2d",
+        "experiment=msd_search",
+        "experiment=msd_search operator=performance_priority search.lasso=0",
+        "experiment=nih_c2fnas_3d data.fold=2",
+        "experiment=msd_c2fnas_panc",
+        "experiment=demo_msd_c3d",
+    ],
+)
 def test_volumetric_recipes_compose_and_instantiate(overrides: str):
     from hydra.utils import instantiate
 

@@ -148,8 +148,24 @@ def test_failed_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    synthetic_video.main(["--root", str(tmp_path / "cli"), "--num-classes", "2", "--train-per-class", "1",
-                          "--val-per-class", "1", "--num-frames", "4", "--height", "16", "--width", "16"])
+    synthetic_video.main(
+        [
+            "--root",
+            str(tmp_path / "cli"),
+            "--num-classes",
+            "2",
+            "--train-per-class",
+            "1",
+            "--val-per-class",
+            "1",
+            "--num-frames",
+            "4",
+            "--height",
+            "16",
+            "--width",
+            "16",
+        ]
+    )
     assert "4 videos ready" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "synthetic_ssv1.json").read_text())["num_classes"] == 2
 
@@ -157,8 +173,18 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 # --------------------------------------------------------------------------- datamodule
 def test_synthetic_datamodule_runs_the_real_loader(tmp_path: Path) -> None:
     dm = SyntheticSomethingSomethingDataModule(
-        tmp_path / "syn", num_classes=4, train_per_class=2, val_per_class=1, video_frames=8, height=32, width=40,
-        num_frames=4, crop_size=24, test_short_side=32, batch_size=4, num_workers=0,
+        tmp_path / "syn",
+        num_classes=4,
+        train_per_class=2,
+        val_per_class=1,
+        video_frames=8,
+        height=32,
+        width=40,
+        num_frames=4,
+        crop_size=24,
+        test_short_side=32,
+        batch_size=4,
+        num_workers=0,
     )
     assert dm.num_classes == 4 and dm.class_names == sorted(synthetic_class_names(4))  # before any data
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "syn"))):

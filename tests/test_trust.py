@@ -22,8 +22,13 @@ from cakes.config import compose_config
 from conftest import TINY_VIDEO
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [*TINY_VIDEO, "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-        "test=false"]
+TINY = [
+    *TINY_VIDEO,
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+    "test=false",
+]
 
 
 def env_with_src(**extra: str) -> dict[str, str]:
@@ -67,12 +72,19 @@ def test_01_checkpoint_cannot_call_outside_the_project_builders(tmp_path: Path, 
 
     cfg = compose_config("train", [*TINY])
     model = instantiate(cfg.model)
-    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-            "pytorch-lightning_version": pl.__version__}
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": pl.__version__,
+    }
     monkeypatch.chdir(tmp_path)
-    evil = {"net": {"_target_": "os.makedirs", "_args_": [str(tmp_path / "pwned")]},
-            "net.operator": {**ckpt["hyper_parameters"]["net"],
-                             "operator": {"_target_": "builtins.exec", "_args_": ["open('pwned2', 'w')"]}}}
+    evil = {
+        "net": {"_target_": "os.makedirs", "_args_": [str(tmp_path / "pwned")]},
+        "net.operator": {
+            **ckpt["hyper_parameters"]["net"],
+            "operator": {"_target_": "builtins.exec", "_args_": ["open('pwned2', 'w')"]},
+        },
+    }
     for where, net in evil.items():
         path = tmp_path / f"{where}.ckpt"
         torch.save({**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], "net": net}}, path)
@@ -95,8 +107,14 @@ def test_02_export_is_named_by_seed_absolute_and_never_overwrites(cakes_root: Pa
     callback = instantiate(cfg.callbacks.prune)
     model = instantiate(cfg.model)
     run_dir = cakes_root / "run"
-    trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(run_dir), checkpoint_callback=None,
-                              current_epoch=0, global_step=1, loggers=[])
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        default_root_dir=str(run_dir),
+        checkpoint_callback=None,
+        current_epoch=0,
+        global_step=1,
+        loggers=[],
+    )
     # a different arch of the same name in ./found/arch (the cwd), where a bare name would resolve
     monkeypatch.chdir(cakes_root)
     decoy = cakes_root / "found" / "arch" / f"{cfg.callbacks.prune.name}.yaml"
@@ -173,9 +191,17 @@ def msd(tmp_path: Path):
 def msd_module(root: Path):
     from cakes.datamodules.msd import MSDDataModule
 
-    return MSDDataModule(root, num_classes=3, regions={"pancreas": [1, 2]}, patch_size=(16, 16, 8),
-                         spacing=(2.0, 2.0, 2.0), batch_size=2, crops_per_volume=2, num_workers=0,
-                         rotate_planes=[[0, 1]])
+    return MSDDataModule(
+        root,
+        num_classes=3,
+        regions={"pancreas": [1, 2]},
+        patch_size=(16, 16, 8),
+        spacing=(2.0, 2.0, 2.0),
+        batch_size=2,
+        crops_per_volume=2,
+        num_workers=0,
+        rotate_planes=[[0, 1]],
+    )
 
 
 def test_04_truncated_or_bad_volumes_are_named(msd: Path):
@@ -231,8 +257,10 @@ def test_07_written_files_get_the_umask_mode(tmp_path: Path, umask: int, mode: i
 
     old = os.umask(umask)
     try:
-        paths = [save_arch(load_arch(ROOT / "archs" / "ssv1_cakes12d_c.yaml"), tmp_path / "a.yaml"),
-                 save_figure(plt.figure(), tmp_path / "f.png")]
+        paths = [
+            save_arch(load_arch(ROOT / "archs" / "ssv1_cakes12d_c.yaml"), tmp_path / "a.yaml"),
+            save_figure(plt.figure(), tmp_path / "f.png"),
+        ]
         write_atomic(tmp_path / "x.txt", "x\n")
         write_atomic(tmp_path / "y.json", b"{}")
         paths += [tmp_path / "x.txt", tmp_path / "y.json"]
@@ -270,8 +298,9 @@ def test_09_rerun_in_an_existing_run_dir_is_refused(cakes_root: Path):
 
     out = cakes_root / "run"
     (out / "checkpoints").mkdir(parents=True)
-    records = {name: f"first run's {name}\n" for name in ("config_resolved.yaml", "run_info.json",
-                                                          "checkpoints/last.ckpt")}
+    records = {
+        name: f"first run's {name}\n" for name in ("config_resolved.yaml", "run_info.json", "checkpoints/last.ckpt")
+    }
     for name, text in records.items():
         (out / name).write_text(text)
     with pytest.raises(RunDirError, match=r"resume=auto.*hydra\.run\.dir") as err:
@@ -295,8 +324,9 @@ def test_10_profile_and_check_data_fail_cleanly_and_use_the_working_copy(tmp_pat
     env.pop("CAKES_CONF_DIR", None)
 
     def cmd(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        )
 
     for module in ("cakes.profile", "cakes.check_data"):
         helped = cmd(module, "--help")
@@ -306,10 +336,10 @@ def test_10_profile_and_check_data_fail_cleanly_and_use_the_working_copy(tmp_pat
     # a working copy of the project (its own conf/ and train.py): its configs, not the package's
     copy = tmp_path / "copy"
     copy.mkdir()
-    subprocess.run(["cp", "-r", str(ROOT / "conf"), str(ROOT / "archs"), str(ROOT / "train.py"), str(copy)],
-                   check=True)
+    subprocess.run(["cp", "-r", str(ROOT / "conf"), str(ROOT / "archs"), str(ROOT / "train.py"), str(copy)], check=True)
     (copy / "conf" / "experiment" / "only_in_copy.yaml").write_text(
-        (ROOT / "conf" / "experiment" / "demo_c3d.yaml").read_text())
+        (ROOT / "conf" / "experiment" / "demo_c3d.yaml").read_text()
+    )
     result = cmd("cakes.profile", "experiment=only_in_copy", cwd=copy)
     assert result.returncode == 0, result.stderr[-3000:]
 

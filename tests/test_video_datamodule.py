@@ -30,8 +30,11 @@ class PipeListDataModule(VideoDataModule):
 
     def parse_annotations(self, split: Split) -> list[VideoRecord]:
         index = {name: i for i, name in enumerate(self.class_names)}
-        return [VideoRecord(folder, self.root / FRAMES_DIR / folder, index[name])
-                for where, folder, name in self._lines() if where == split]
+        return [
+            VideoRecord(folder, self.root / FRAMES_DIR / folder, index[name])
+            for where, folder, name in self._lines()
+            if where == split
+        ]
 
 
 @pytest.fixture()

@@ -36,11 +36,14 @@ def run_config(name: str, overrides: list[str], out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("operator, extra", [
-    ("cost_priority", ["search.lasso=1e-3"]),
-    # the demo cost recipe's full-kernel warm-up needs shared kernels in a performance supernet: off here
-    ("performance_priority", ["search.lasso=0", "search.selection=channel_argmax", "search.full_kernel_epochs=0"]),
-])
+@pytest.mark.parametrize(
+    "operator, extra",
+    [
+        ("cost_priority", ["search.lasso=1e-3"]),
+        # the demo cost recipe's full-kernel warm-up needs shared kernels in a performance supernet: off here
+        ("performance_priority", ["search.lasso=0", "search.selection=channel_argmax", "search.full_kernel_epochs=0"]),
+    ],
+)
 def test_search_export_retrain(cakes_root, operator, extra):
     run_config("search", [f"operator={operator}", *extra], cakes_root / "search_run")
     exports = sorted((cakes_root / "found" / "arch").glob("*.yaml"))
@@ -57,8 +60,11 @@ def test_search_export_retrain(cakes_root, operator, extra):
     assert "test/top1" in metrics
     ckpt = cakes_root / "retrain" / "checkpoints" / "last.ckpt"
     model = VideoClassificationModule.load_from_checkpoint(ckpt, weights_only=False)
-    counts = {name: dict(m.conv.counts) for name, m in model.net.named_modules() if hasattr(m, "conv")
-              and type(m.conv).__name__ == "CakesConv3d"}
+    counts = {
+        name: dict(m.conv.counts)
+        for name, m in model.net.named_modules()
+        if hasattr(m, "conv") and type(m.conv).__name__ == "CakesConv3d"
+    }
     assert {n.removesuffix(".conv2"): c for n, c in counts.items()} == arch.layers
 
 
@@ -89,8 +95,13 @@ def test_lasso_sweep_writes_one_yaml_per_value(tmp_path):
 
 
 def test_profile_command_prints_exact_counts():
-    result = subprocess.run([sys.executable, "-m", "cakes.profile", "experiment=ssv1_c3d"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "cakes.profile", "experiment=ssv1_c3d"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["params"] == 46_499_054
@@ -103,8 +114,14 @@ def test_performance_priority_search_learns_from_scratch_on_the_demo(cakes_root)
     """The demo performance-priority supernet (full size of the demo, 12 epochs) learns the motion task
     with a shared full kernel and a full-kernel warm-up; with one kernel per op (the authors' code)
     the same search stays at chance — the contrast behind the demo_search_perf recipe."""
-    common = ["experiment=demo_search_perf", "trainer.max_epochs=12", "model.scheduler.milestones=[9,11]",
-              "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv"]
+    common = [
+        "experiment=demo_search_perf",
+        "trainer.max_epochs=12",
+        "model.scheduler.milestones=[9,11]",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "logger=csv",
+    ]
 
     def search(extra: list[str], out: str) -> dict:
         cfg = compose_config("search", [*common, *extra])

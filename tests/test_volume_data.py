@@ -26,8 +26,17 @@ def msd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_dm(root: Path, **kw) -> MSDDataModule:
-    args = {"num_classes": 3, "regions": REGIONS, "spacing": (1.6, 1.6, 1.6), "patch_size": (16, 16, 16),
-            "batch_size": 2, "crops_per_volume": 2, "num_workers": 0, "val_fraction": 0.34, **kw}
+    args = {
+        "num_classes": 3,
+        "regions": REGIONS,
+        "spacing": (1.6, 1.6, 1.6),
+        "patch_size": (16, 16, 16),
+        "batch_size": 2,
+        "crops_per_volume": 2,
+        "num_workers": 0,
+        "val_fraction": 0.34,
+        **kw,
+    }
     return MSDDataModule(root, **args)
 
 
@@ -37,8 +46,20 @@ def copy_of(root: Path, tmp_path: Path) -> Path:
 
 def test_generation_is_deterministic_idempotent_and_in_msd_layout(msd_root: Path, tmp_path: Path) -> None:
     meta = json.loads((msd_root / "dataset.json").read_text())
-    assert {"name", "description", "reference", "licence", "relase", "tensorImageSize", "modality", "labels",
-            "numTraining", "numTest", "training", "test"} <= set(meta)
+    assert {
+        "name",
+        "description",
+        "reference",
+        "licence",
+        "relase",
+        "tensorImageSize",
+        "modality",
+        "labels",
+        "numTraining",
+        "numTest",
+        "training",
+        "test",
+    } <= set(meta)
     assert meta["labels"] == {"0": "background", "1": "pancreas", "2": "cancer"} and meta["numTraining"] == 6
     stamp = (msd_root / "synthetic_msd.json").stat().st_mtime_ns
     assert generate_synthetic_msd(msd_root, **SMALL) == msd_root  # idempotent: nothing rewritten
@@ -171,8 +192,18 @@ def nih_root(msd_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_nih(root: Path, **kw) -> NIHPancreasDataModule:
-    args = {"num_classes": 2, "regions": {"pancreas": [1]}, "image_format": "nifti", "spacing": (1.6, 1.6, 1.6),
-            "patch_size": (16, 16, 16), "batch_size": 2, "crops_per_volume": 2, "num_workers": 0, "num_folds": 3, **kw}
+    args = {
+        "num_classes": 2,
+        "regions": {"pancreas": [1]},
+        "image_format": "nifti",
+        "spacing": (1.6, 1.6, 1.6),
+        "patch_size": (16, 16, 16),
+        "batch_size": 2,
+        "crops_per_volume": 2,
+        "num_workers": 0,
+        "num_folds": 3,
+        **kw,
+    }
     return NIHPancreasDataModule(root, **args)
 
 

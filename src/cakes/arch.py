@@ -43,8 +43,9 @@ def arch_data(name: str | None, arch_dir: str | None = None) -> dict[str, Any]:
     """OmegaConf resolver ``${arch_data:${arch},${paths.arch_dir}}``: the validated arch as plain
     data, so configs and checkpoints carry the whole architecture."""
     if name in (None, "", "null", "None"):
-        raise ArchError("operator=cakes needs an architecture: add arch=<name> (found/arch/ or archs/) or "
-                        "arch=/path/to/arch.yaml")
+        raise ArchError(
+            "operator=cakes needs an architecture: add arch=<name> (found/arch/ or archs/) or arch=/path/to/arch.yaml"
+        )
     return load_arch(find_arch(name, arch_dir)).to_dict()
 
 
@@ -63,5 +64,6 @@ def check_arch(cfg: DictConfig) -> None:
         cls = builder(str(backbone.get("_target_")))
         if cls is not None and hasattr(cls, "slots"):
             params = inspect.signature(cls.slots).parameters
-            arch.check_backbone(cls.name, cls.slots(**{k: backbone[k] for k in params if k in backbone}),
-                                source=str(path))
+            arch.check_backbone(
+                cls.name, cls.slots(**{k: backbone[k] for k in params if k in backbone}), source=str(path)
+            )

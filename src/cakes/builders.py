@@ -31,27 +31,29 @@ if TYPE_CHECKING:
     from pytorch_lightning import LightningModule
 
 #: ``_target_`` values a network config (and so a checkpoint) may name
-NETWORK_BUILDERS: frozenset[str] = frozenset({
-    # backbones
-    "cakes.backbones.ResNet3d",
-    "cakes.backbones.resnet3d.ResNet3d",
-    "cakes.backbones.C2FNAS",
-    "cakes.backbones.c2fnas.C2FNAS",
-    # operator factories (fixed, found, uniform, per-layer)
-    "cakes.ops.Homogeneous",
-    "cakes.ops.factory.Homogeneous",
-    "cakes.ops.Derived",
-    "cakes.ops.factory.Derived",
-    "cakes.ops.Uniform",
-    "cakes.ops.factory.Uniform",
-    "cakes.ops.PerLayer",
-    "cakes.ops.per_layer.PerLayer",
-    # search-time operator factories (supernets)
-    "cakes.ops.CostPriority",
-    "cakes.ops.search.CostPriority",
-    "cakes.ops.PerformancePriority",
-    "cakes.ops.search.PerformancePriority",
-})
+NETWORK_BUILDERS: frozenset[str] = frozenset(
+    {
+        # backbones
+        "cakes.backbones.ResNet3d",
+        "cakes.backbones.resnet3d.ResNet3d",
+        "cakes.backbones.C2FNAS",
+        "cakes.backbones.c2fnas.C2FNAS",
+        # operator factories (fixed, found, uniform, per-layer)
+        "cakes.ops.Homogeneous",
+        "cakes.ops.factory.Homogeneous",
+        "cakes.ops.Derived",
+        "cakes.ops.factory.Derived",
+        "cakes.ops.Uniform",
+        "cakes.ops.factory.Uniform",
+        "cakes.ops.PerLayer",
+        "cakes.ops.per_layer.PerLayer",
+        # search-time operator factories (supernets)
+        "cakes.ops.CostPriority",
+        "cakes.ops.search.CostPriority",
+        "cakes.ops.PerformancePriority",
+        "cakes.ops.search.PerformancePriority",
+    }
+)
 #: the instantiation keys a builder node may carry besides its arguments
 BUILDER_KEYS = ("_target_", "_recursive_", "_convert_", "_args_")
 
@@ -72,7 +74,8 @@ def check_builders(spec: Any, where: str = "net") -> None:
                     raise UntrustedBuilderError(
                         f"{where}._target_: {value!r} is not one of the project's network builders; refusing to "
                         f"build it (a config or checkpoint may only name cakes.builders.NETWORK_BUILDERS: "
-                        f"{sorted(t for t in NETWORK_BUILDERS if t.count('.') == 2)})")
+                        f"{sorted(t for t in NETWORK_BUILDERS if t.count('.') == 2)})"
+                    )
             elif name.startswith("_") and name.endswith("_") and name not in BUILDER_KEYS:
                 raise UntrustedBuilderError(f"{where}.{name}: instantiation key not allowed in a network config")
             check_builders(value, f"{where}.{name}")
@@ -141,4 +144,3 @@ def build_model(model: Any) -> LightningModule:
     for key in ("_recursive_", "_convert_"):
         spec.pop(key, None)
     return get_class(target)(**spec)
-

@@ -89,10 +89,18 @@ def compose_data_config(overrides: Sequence[str], config: str | None = None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cakes.check_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py / search.py")
-    parser.add_argument("--config", choices=["train", "search"], default=None,
-                        help="config to compose (default: train.yaml, else search.yaml)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes decoding in parallel (default: min(8, CPUs))")
+    parser.add_argument(
+        "--config",
+        choices=["train", "search"],
+        default=None,
+        help="config to compose (default: train.yaml, else search.yaml)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes decoding in parallel (default: min(8, CPUs))",
+    )
     args = parser.parse_intermixed_args(argv)
     from hydra.utils import instantiate
 

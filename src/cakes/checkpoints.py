@@ -59,8 +59,9 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike[str]) -> str |
         return str(found)
     path = Path(str(resume)).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"resume: checkpoint not found: {path} (use resume=auto to pick the newest "
-                                f"checkpoint of the run directory)")
+        raise FileNotFoundError(
+            f"resume: checkpoint not found: {path} (use resume=auto to pick the newest checkpoint of the run directory)"
+        )
     return str(path)
 
 
@@ -68,10 +69,16 @@ def key_problems(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) ->
     """Missing keys, unexpected keys and shape mismatches of ``given`` against ``expected``."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs network {tuple(v.shape)}" for k, v in expected.items()
-              if k in given and given[k].shape != v.shape]
-    return ([f"missing keys: {missing}"] if missing else []) + (
-        [f"unexpected keys: {unexpected}"] if unexpected else []) + shapes
+    shapes = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs network {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
+    return (
+        ([f"missing keys: {missing}"] if missing else [])
+        + ([f"unexpected keys: {unexpected}"] if unexpected else [])
+        + shapes
+    )
 
 
 def load_strict(net: nn.Module, state: Mapping[str, Tensor], source: str) -> None:

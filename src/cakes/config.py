@@ -45,7 +45,8 @@ def register_resolvers() -> None:
         # a DictConfig (not a dict) so that OmegaConf.resolve() can store it in place; its strings escaped,
         # or OmegaConf would resolve a ${...} written in the arch file
         OmegaConf.register_new_resolver(
-            "arch_data", lambda name, arch_dir: OmegaConf.create(escape_interpolations(arch_data(name, arch_dir))))
+            "arch_data", lambda name, arch_dir: OmegaConf.create(escape_interpolations(arch_data(name, arch_dir)))
+        )
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -70,8 +71,11 @@ def one_line(err: BaseException) -> str:
     """An error as one line for a command-line tool: the message of the innermost cause that
     carries one (Hydra and OmegaConf wrap ours), whitespace collapsed."""
     inner = err
-    while (type(inner).__name__ in ("InterpolationResolutionError", "InstantiationException")
-           and inner.__cause__ is not None and str(inner.__cause__).strip()):
+    while (
+        type(inner).__name__ in ("InterpolationResolutionError", "InstantiationException")
+        and inner.__cause__ is not None
+        and str(inner.__cause__).strip()
+    ):
         inner = inner.__cause__
     text = " ".join(str(inner).split()) or type(inner).__name__
     return text if isinstance(inner, (ValueError, OSError)) else f"{type(inner).__name__}: {text}"

@@ -64,8 +64,10 @@ def read_authors_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], bool, 
         raise ValueError(f"{path}: expected a state dict of tensors (or a dict with a 'state_dict' entry)")
     prefixed = [k.startswith("module.") for k in data]
     if any(prefixed) and not all(prefixed):
-        raise ValueError(f"{path}: some keys start with 'module.' and some do not, e.g. "
-                         f"{[k for k, p in zip(data, prefixed, strict=True) if not p][:3]}")
+        raise ValueError(
+            f"{path}: some keys start with 'module.' and some do not, e.g. "
+            f"{[k for k, p in zip(data, prefixed, strict=True) if not p][:3]}"
+        )
     return {k.removeprefix("module."): v for k, v in data.items()}, all(prefixed), entries
 
 
@@ -79,12 +81,16 @@ def _authors_index(layer: str, counts: Mapping[str, int]) -> dict[str, int]:
     subs = [s for s, n in counts.items() if n]
     unknown = [s for s in subs if s not in AUTHORS_GROUP_ORDER]
     if unknown:
-        raise ValueError(f"layer {layer}: sub-kernels {unknown} have no conv in the authors' network "
-                         f"(their video ops hold {list(AUTHORS_GROUP_ORDER)})")
+        raise ValueError(
+            f"layer {layer}: sub-kernels {unknown} have no conv in the authors' network "
+            f"(their video ops hold {list(AUTHORS_GROUP_ORDER)})"
+        )
     expected = sorted(subs, key=AUTHORS_GROUP_ORDER.index)
     if subs != expected:
-        raise ValueError(f"layer {layer}: channels are grouped as {subs}, the authors' network groups them "
-                         f"as {expected}; list the arch's counts in that order")
+        raise ValueError(
+            f"layer {layer}: channels are grouped as {subs}, the authors' network groups them "
+            f"as {expected}; list the arch's counts in that order"
+        )
     return {s: i for i, s in enumerate(subs)}
 
 
@@ -101,8 +107,10 @@ def ours_to_authors(state: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor
         elif norm:
             out[f"base_model.{norm[1]}.convT.out.0.{norm[2]}"] = value
         elif ".conv2." in key:
-            raise ValueError(f"{key}: not a group of the arch's CakesConv3d slot; only operator=cakes networks "
-                             "have an authors' equivalent")
+            raise ValueError(
+                f"{key}: not a group of the arch's CakesConv3d slot; only operator=cakes networks "
+                "have an authors' equivalent"
+            )
         elif key.startswith("fc."):
             out[f"new_fc.{key.removeprefix('fc.')}"] = value
         else:
@@ -142,8 +150,9 @@ def authors_to_ours(state: Mapping[str, Tensor], net: nn.Module, arch: Arch, sou
     theirs = ours_to_authors(own, arch)  # their key for each of our tensors, in our order
     problems = key_problems(theirs, state)
     if problems:
-        raise ValueError(f"{source} does not fit the network of this arch (keys without 'module.'):\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(
+            f"{source} does not fit the network of this arch (keys without 'module.'):\n  " + "\n  ".join(problems)
+        )
     return {ours: state[a] for ours, a in zip(own, theirs, strict=True)}
 
 
@@ -187,8 +196,12 @@ def convert_authors(src: str | Path, dst: str | Path, overrides: Sequence[str] =
         "global_step": 0,
     }
     module.on_save_checkpoint(checkpoint)
-    checkpoint["cakes"]["converted_from"] = {"format": AUTHORS_FORMAT, "file": str(src),
-                                             "module_prefix": module_prefix, "entries": entries}
+    checkpoint["cakes"]["converted_from"] = {
+        "format": AUTHORS_FORMAT,
+        "file": str(src),
+        "module_prefix": module_prefix,
+        "entries": entries,
+    }
     _save(checkpoint, Path(dst))
     return Path(dst)
 
@@ -202,8 +215,10 @@ def convert_to_authors(src: str | Path, dst: str | Path) -> Path:
     checkpoint = torch.load(src, map_location="cpu", weights_only=True)
     operator = (checkpoint.get("hyper_parameters") or {}).get("net", {}).get("operator", {})
     if operator.get("_target_") != "cakes.ops.Derived":
-        raise ValueError(f"{src}: only checkpoints of operator=cakes networks (CakesConv3d slots) have an authors' "
-                         f"equivalent; this one's operator is {operator.get('_target_')!r}")
+        raise ValueError(
+            f"{src}: only checkpoints of operator=cakes networks (CakesConv3d slots) have an authors' "
+            f"equivalent; this one's operator is {operator.get('_target_')!r}"
+        )
     state = ours_to_authors(network_state(checkpoint, str(src)), load_arch(operator["arch"]))
     origin = (checkpoint.get("cakes") or {}).get("converted_from")
     if origin:  # back to the source's own layout

@@ -27,8 +27,11 @@ def global_batch(per_device: int, devices: int, num_nodes: int = 1, accumulate: 
 
 def trainer_parallelism(trainer: Any) -> dict[str, int]:
     """``devices`` (per node), ``num_nodes`` and ``accumulate`` of a built Trainer."""
-    return {"devices": int(trainer.num_devices), "num_nodes": int(trainer.num_nodes),
-            "accumulate": int(trainer.accumulate_grad_batches)}
+    return {
+        "devices": int(trainer.num_devices),
+        "num_nodes": int(trainer.num_nodes),
+        "accumulate": int(trainer.accumulate_grad_batches),
+    }
 
 
 def positive_int(value: Any, field: str, *, optional: bool = False) -> int | None:
@@ -46,8 +49,9 @@ def positive_int(value: Any, field: str, *, optional: bool = False) -> int | Non
     return number
 
 
-def resolve_batch_size(per_device: Any, global_batch_size: Any, *, devices: int, num_nodes: int = 1,
-                       accumulate: int = 1) -> dict[str, int]:
+def resolve_batch_size(
+    per_device: Any, global_batch_size: Any, *, devices: int, num_nodes: int = 1, accumulate: int = 1
+) -> dict[str, int]:
     """The per-device and global batch of a run.
 
     ``global_batch_size=None``: the global batch is ``per_device × devices × num_nodes ×
@@ -72,8 +76,13 @@ def resolve_batch_size(per_device: Any, global_batch_size: Any, *, devices: int,
                 "change global_batch_size, trainer.devices, trainer.num_nodes or trainer.accumulate_grad_batches"
             )
         per = gbs // split
-    return {"per_device": per, "global": per * split, "devices": int(devices), "num_nodes": int(num_nodes),
-            "accumulate": int(accumulate)}
+    return {
+        "per_device": per,
+        "global": per * split,
+        "devices": int(devices),
+        "num_nodes": int(num_nodes),
+        "accumulate": int(accumulate),
+    }
 
 
 def needs_unused_parameter_search(cfg: DictConfig) -> bool:

@@ -42,8 +42,7 @@ def _publish(tmp: Path, path: Path, exclusive: bool) -> None:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
         except FileExistsError:
-            raise FileExistsError(errno.EEXIST, f"{path} already exists and was not overwritten",
-                                  str(path)) from None
+            raise FileExistsError(errno.EEXIST, f"{path} already exists and was not overwritten", str(path)) from None
         os.replace(tmp, path)
 
 

@@ -43,8 +43,11 @@ def kept_paths(slot: SearchSlot) -> dict[str, dict[str, Tensor]]:
         for name, n in derived.conv.counts.items():
             if n:
                 rows = slice(start, start + n)
-                groups[name] = {"conv": derived.conv.weights[name].detach(), "columns": order[rows],
-                                **{t: getattr(derived.norm, t)[rows].detach() for t in NORM_TENSORS}}
+                groups[name] = {
+                    "conv": derived.conv.weights[name].detach(),
+                    "columns": order[rows],
+                    **{t: getattr(derived.norm, t)[rows].detach() for t in NORM_TENSORS},
+                }
                 start += n
         return groups
     if not isinstance(slot, CostPrioritySlot):
@@ -54,8 +57,11 @@ def kept_paths(slot: SearchSlot) -> dict[str, dict[str, Tensor]]:
         chans = channels[ops == k]
         if chans.numel():
             entries = k * slot.width + chans
-            groups[name] = {"conv": slot.candidates.weights[name].detach()[chans], "columns": entries,
-                            **{t: getattr(slot.norm, t).detach()[entries] for t in NORM_TENSORS}}
+            groups[name] = {
+                "conv": slot.candidates.weights[name].detach()[chans],
+                "columns": entries,
+                **{t: getattr(slot.norm, t).detach()[entries] for t in NORM_TENSORS},
+            }
     return groups
 
 
@@ -76,14 +82,17 @@ def inherited_state(derived: nn.Module, supernet: nn.Module) -> dict[str, Tensor
             raise ValueError(f"init=supernet: {path} of the network is not a CakesConv3d slot (operator=cakes)")
         next_conv = path.removesuffix("conv2") + "conv3"
         if not path.endswith(".conv2") or not isinstance(modules.get(next_conv), nn.Conv3d):
-            raise ValueError(f"init=supernet: slot {path} has no conv3 after it; inheriting supports ResNet "
-                             "bottleneck networks")
+            raise ValueError(
+                f"init=supernet: slot {path} has no conv3 after it; inheriting supports ResNet bottleneck networks"
+            )
         groups = kept_paths(slot)
         kept = {name: int(g["conv"].shape[0]) for name, g in groups.items()}
         wanted = {name: n for name, n in target.conv.counts.items() if n}
         if kept != wanted:
-            raise ValueError(f"init=supernet: layer {slot.layer}: the supernet keeps {kept}, the arch gives {wanted} "
-                             "(was the arch exported from this checkpoint with the same selection rule?)")
+            raise ValueError(
+                f"init=supernet: layer {slot.layer}: the supernet keeps {kept}, the arch gives {wanted} "
+                "(was the arch exported from this checkpoint with the same selection rule?)"
+            )
         order = list(wanted)
         for name in order:
             out[f"{path}.conv.weights.{name}"] = groups[name]["conv"]

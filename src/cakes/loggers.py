@@ -89,12 +89,17 @@ def wandb_logger(save_dir: str, project: str = "cakes", offline: bool | None = N
     if offline is None:
         offline = mode in OFFLINE_MODES or not wandb_api_key_configured()
         if offline and mode not in OFFLINE_MODES and rank_zero_only.rank == 0:
-            log.warning("wandb: no API key configured (WANDB_API_KEY or `wandb login`); logging offline under "
-                        "%s/wandb — upload later with `%s`", save_dir, sync_hint(save_dir))
+            log.warning(
+                "wandb: no API key configured (WANDB_API_KEY or `wandb login`); logging offline under "
+                "%s/wandb — upload later with `%s`",
+                save_dir,
+                sync_hint(save_dir),
+            )
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
-    return WandbLogger(save_dir=save_dir, project=project, offline=offline, id=wandb_run_id(save_dir),
-                       resume="allow", **kwargs)
+    return WandbLogger(
+        save_dir=save_dir, project=project, offline=offline, id=wandb_run_id(save_dir), resume="allow", **kwargs
+    )
 
 
 def is_wandb(logger: Any) -> bool:
@@ -128,8 +133,9 @@ class LogConfigCallback(pl.Callback):
         path = Path(self.config_file)
         try:
             run.save(str(path), base_path=str(path.parent), policy="now")
-            artifact = wandb.Artifact(f"config-{run.id}", type="config",
-                                      metadata={"task_name": self.config.get("task_name")})
+            artifact = wandb.Artifact(
+                f"config-{run.id}", type="config", metadata={"task_name": self.config.get("task_name")}
+            )
             artifact.add_file(str(path))
             run.log_artifact(artifact)
         except Exception as err:  # noqa: BLE001 - logging must never stop a run
@@ -151,5 +157,6 @@ def finish_loggers(loggers: list[Any]) -> None:
             log.warning("wandb: finish failed: %s", err)
         if getattr(logger, "_offline", False) and rank_zero_only.rank == 0:
             save_dir = logger.save_dir or "."
-            print(f"wandb: offline run in {Path(save_dir) / 'wandb'}; upload it with `{sync_hint(save_dir)}`",
-                  flush=True)
+            print(
+                f"wandb: offline run in {Path(save_dir) / 'wandb'}; upload it with `{sync_hint(save_dir)}`", flush=True
+            )

@@ -160,9 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cakes.builders import build_network
     from cakes.arch import check_arch
 
-    parser = argparse.ArgumentParser(prog="python -m cakes.profile", description=(
-        "Parameters and MACs of the model train.py would build with the same overrides (built on the meta "
-        "device: no data, no weights): a per-module table, then one JSON line."))
+    parser = argparse.ArgumentParser(
+        prog="python -m cakes.profile",
+        description=(
+            "Parameters and MACs of the model train.py would build with the same overrides (built on the meta "
+            "device: no data, no weights): a per-module table, then one JSON line."
+        ),
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

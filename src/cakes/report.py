@@ -96,8 +96,10 @@ def plan(cfg: DictConfig) -> list[Run]:
     known = set(labels) | {slug(label) for label in labels}
     unknown = [name for name in cfg.only if name not in known]
     if unknown:
-        raise ValueError(f"only: unknown models {unknown}; this track has {labels} (or as directory names: "
-                         f"{[slug(label) for label in labels]})")
+        raise ValueError(
+            f"only: unknown models {unknown}; this track has {labels} (or as directory names: "
+            f"{[slug(label) for label in labels]})"
+        )
     if cfg.only:
         models = [m for m in models if m[0] in cfg.only or slug(m[0]) in cfg.only]
     runs: list[Run] = []
@@ -119,8 +121,10 @@ def found_arch_file(search: Run) -> Path:
     """The arch yaml a finished search wrote into its own run directory."""
     files = sorted((search.run_dir / "arch").glob("*.yaml"))
     if len(files) != 1:
-        raise RuntimeError(f"{search.run_dir / 'arch'}: expected the one arch yaml of this search, found "
-                           f"{[f.name for f in files] or 'none'}")
+        raise RuntimeError(
+            f"{search.run_dir / 'arch'}: expected the one arch yaml of this search, found "
+            f"{[f.name for f in files] or 'none'}"
+        )
     return files[0].resolve()
 
 
@@ -176,9 +180,21 @@ def summarise(cfg: DictConfig, runs: list[Run]) -> list[dict[str, Any]]:
     val_metric = str(track.metric).replace("test/", "val/", 1)
     rows: dict[str, dict[str, Any]] = {}
     for run in runs:
-        row = rows.setdefault(run.model, {"model": run.model, "kind": "found" if run.search or run.kind == "search"
-                                          else "baseline", "seeds": [], "metric": [], "also": {}, "gmacs": [],
-                                          "params": [], "wall_s": [], "supernet": [], "search_wall_s": []})
+        row = rows.setdefault(
+            run.model,
+            {
+                "model": run.model,
+                "kind": "found" if run.search or run.kind == "search" else "baseline",
+                "seeds": [],
+                "metric": [],
+                "also": {},
+                "gmacs": [],
+                "params": [],
+                "wall_s": [],
+                "supernet": [],
+                "search_wall_s": [],
+            },
+        )
         if not run.done:
             continue
         metrics, record = run.metrics(), run.record()
@@ -210,8 +226,17 @@ def markdown(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
     """The report table: one row per model; found models' GMACs vary with the seed (mean ± sd)."""
     track = cfg.track
     also = list(track.get("also", []))
-    header = ["model", "GMACs", f"MAC ratio vs {track.baseline}", "params", f"{track.metric_label} (mean ± sd)",
-              "per seed", *[f"{key} (mean ± sd)" for key in also], "supernet val (mean ± sd)", "wall s per seed"]
+    header = [
+        "model",
+        "GMACs",
+        f"MAC ratio vs {track.baseline}",
+        "params",
+        f"{track.metric_label} (mean ± sd)",
+        "per seed",
+        *[f"{key} (mean ± sd)" for key in also],
+        "supernet val (mean ± sd)",
+        "wall s per seed",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         walls = [w for w in row["wall_s"] if w is not None]
@@ -260,13 +285,21 @@ def plot(cfg: DictConfig, rows: list[dict[str, Any]], path: Path) -> Path | None
     for row, (x, y) in zip(shown, points, strict=True):
         _, y_sd = mean_sd(row["metric"])
         _, x_sd = mean_sd(row["gmacs"])
-        ax.errorbar(x, y, yerr=y_sd, xerr=x_sd, fmt="o" if row["kind"] == "baseline" else "s", capsize=3,
-                    label=f"{row['model']} (n={len(row['metric'])})")
+        ax.errorbar(
+            x,
+            y,
+            yerr=y_sd,
+            xerr=x_sd,
+            fmt="o" if row["kind"] == "baseline" else "s",
+            capsize=3,
+            label=f"{row['model']} (n={len(row['metric'])})",
+        )
         ax.annotate(row["model"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
     front = pareto(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="Pareto front")
-    ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=160, facecolors="none",
-               edgecolors="k", lw=1)
+    ax.scatter(
+        [points[i][0] for i in front], [points[i][1] for i in front], s=160, facecolors="none", edgecolors="k", lw=1
+    )
     ax.set_xlabel("GMACs per view")
     ax.set_ylabel(f"{cfg.track.metric_label} (mean ± sd over seeds)")
     ax.set_title(f"{cfg.track.name} track: accuracy vs cost", fontsize=10)
@@ -280,8 +313,10 @@ def write_report(cfg: DictConfig, runs: list[Run]) -> None:
     rows = summarise(cfg, runs)
     title = f"# cakes report: {cfg.track.name} track, seeds {seeds_of(cfg)}\n\n"
     write_atomic(out / "report.md", title + markdown(cfg, rows))
-    write_atomic(out / "report.json", json.dumps({"track": cfg.track.name, "seeds": seeds_of(cfg), "rows": rows},
-                                                 indent=2) + "\n")
+    write_atomic(
+        out / "report.json",
+        json.dumps({"track": cfg.track.name, "seeds": seeds_of(cfg), "rows": rows}, indent=2) + "\n",
+    )
     plot(cfg, rows, out / "report.png")
 
 
@@ -332,12 +367,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"FAILED ({err})", flush=True)
             failed.append(run)
             continue
-        print(f"{time.monotonic() - start:.0f} s, {metric} = {run.metrics().get(metric, float('nan')):.3f}",
-              flush=True)
+        print(f"{time.monotonic() - start:.0f} s, {metric} = {run.metrics().get(metric, float('nan')):.3f}", flush=True)
         write_report(cfg, runs)
     write_report(cfg, runs)
-    print(f"report: {Path(cfg.out) / 'report.md'} and report.png ({sum(r.done for r in runs)} of {len(runs)} runs "
-          f"finished)", flush=True)
+    print(
+        f"report: {Path(cfg.out) / 'report.md'} and report.png ({sum(r.done for r in runs)} of {len(runs)} runs "
+        f"finished)",
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -95,7 +95,8 @@ def check_fresh_run_dir(cfg: DictConfig, output_dir: Path) -> None:
             f"{output_dir} already holds a run ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); nothing "
             "was overwritten. To continue that run, add resume=auto with the same overrides and the same "
             "hydra.run.dir (its resume_command.txt has the command); to start a fresh run, leave hydra.run.dir out "
-            "(a new time-stamped directory) or give a new hydra.run.dir")
+            "(a new time-stamped directory) or give a new hydra.run.dir"
+        )
 
 
 def resume_command(output_dir: Path) -> str | None:
@@ -109,8 +110,9 @@ def resume_command(output_dir: Path) -> str | None:
         return None
     task = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train.py"
-    return " ".join(["python", script, *map(shlex.quote, task),
-                     shlex.quote(f"hydra.run.dir={output_dir.resolve()}"), "resume=auto"])
+    return " ".join(
+        ["python", script, *map(shlex.quote, task), shlex.quote(f"hydra.run.dir={output_dir.resolve()}"), "resume=auto"]
+    )
 
 
 def instantiate_dict(nodes: DictConfig | None) -> list[Any]:
@@ -144,8 +146,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     strategy = ddp_strategy(cfg)
     if strategy != cfg.trainer.get("strategy"):
-        log.info("performance-priority supernet under DDP: strategy %s -> %s (an op sampled for no channel gets "
-                 "no gradient in that step)", cfg.trainer.strategy, strategy)
+        log.info(
+            "performance-priority supernet under DDP: strategy %s -> %s (an op sampled for no channel gets "
+            "no gradient in that step)",
+            cfg.trainer.strategy,
+            strategy,
+        )
         cfg.trainer.strategy = strategy
 
     loggers = instantiate_dict(cfg.get("logger"))
@@ -157,19 +163,36 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[str, Any]) -> dict[str, float]:
     callbacks = instantiate_dict(cfg.get("callbacks"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks + system_callbacks(cfg, output_dir),
-                                      logger=loggers or False)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks + system_callbacks(cfg, output_dir), logger=loggers or False
+    )
 
     # explicit batch sizes: per device (data.batch_size) and global (checked before anything runs)
     batch = resolve_batch_size(cfg.data.batch_size, cfg.get("global_batch_size"), **trainer_parallelism(trainer))
     if batch["per_device"] != cfg.data.batch_size:
-        log.info("global_batch_size %d = %d per device x %d device(s) x %d node(s) x %d accumulation: "
-                 "data.batch_size %d -> %d", batch["global"], batch["per_device"], batch["devices"],
-                 batch["num_nodes"], batch["accumulate"], cfg.data.batch_size, batch["per_device"])
+        log.info(
+            "global_batch_size %d = %d per device x %d device(s) x %d node(s) x %d accumulation: "
+            "data.batch_size %d -> %d",
+            batch["global"],
+            batch["per_device"],
+            batch["devices"],
+            batch["num_nodes"],
+            batch["accumulate"],
+            cfg.data.batch_size,
+            batch["per_device"],
+        )
         cfg.data.batch_size = batch["per_device"]
     ckpt_path = resolve_resume(cfg, output_dir)
-    record_run(cfg, output_dir, {"batch_size": batch, "strategy": str(cfg.trainer.get("strategy")),
-                                 "resumed_from": ckpt_path, "initial_weights": weights})
+    record_run(
+        cfg,
+        output_dir,
+        {
+            "batch_size": batch,
+            "strategy": str(cfg.trainer.get("strategy")),
+            "resumed_from": ckpt_path,
+            "initial_weights": weights,
+        },
+    )
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     if hasattr(datamodule, "validate"):
@@ -189,8 +212,11 @@ def _fit(cfg: DictConfig, output_dir: Path, loggers: list[Any], weights: dict[st
     except SIGTERMException:
         # ResumeStateCallback has written last.ckpt: say "stopped, resumable" to the shell or scheduler
         # (exit 0 would let `search.py && train.py` carry on without metrics or export)
-        log.warning("stopped by SIGTERM: exit status %d; continue with resume=auto in %s (resume_command.txt)",
-                    EXIT_PREEMPTED, output_dir)
+        log.warning(
+            "stopped by SIGTERM: exit status %d; continue with resume=auto in %s (resume_command.txt)",
+            EXIT_PREEMPTED,
+            output_dir,
+        )
         raise SystemExit(EXIT_PREEMPTED) from None
     if trainer.is_global_zero:
         write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -56,8 +56,7 @@ class ResumableSampler(DistributedSampler):
         with_seeds: bool = False,
         labels: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if labels is not None and len(labels) != len(dataset):
@@ -72,8 +71,11 @@ class ResumableSampler(DistributedSampler):
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            indices = (torch.randperm(n, generator=generator).tolist() if self.labels is None
-                       else stratified_permutation(self.labels, generator))
+            indices = (
+                torch.randperm(n, generator=generator).tolist()
+                if self.labels is None
+                else stratified_permutation(self.labels, generator)
+            )
         else:
             indices = list(range(n))
         if self.drop_last:
@@ -110,9 +112,16 @@ def stratified_permutation(labels: Sequence[int], generator: torch.Generator) ->
     return order
 
 
-def train_sampler(dataset: Sized, trainer: pl.Trainer | None, *, batch_size: int, seed: int | None = None,
-                  with_seeds: bool = False, drop_last: bool = True,
-                  labels: Sequence[int] | None = None) -> ResumableSampler:
+def train_sampler(
+    dataset: Sized,
+    trainer: pl.Trainer | None,
+    *,
+    batch_size: int,
+    seed: int | None = None,
+    with_seeds: bool = False,
+    drop_last: bool = True,
+    labels: Sequence[int] | None = None,
+) -> ResumableSampler:
     """The training sampler of a data module: ranks from the trainer, the base seed from the
     global seed (``seed_everything``), and the resume point if this fit resumes (see
     :class:`~cakes.callbacks.resume.ResumeStateCallback`)."""
@@ -122,8 +131,18 @@ def train_sampler(dataset: Sized, trainer: pl.Trainer | None, *, batch_size: int
     if trainer is not None:
         world, rank, epoch = trainer.world_size, trainer.global_rank, trainer.current_epoch
         start = take_resume_position(trainer)
-    return ResumableSampler(dataset, batch_size=batch_size, num_replicas=world, rank=rank, seed=seed,
-                            drop_last=drop_last, epoch=epoch, start=start, with_seeds=with_seeds, labels=labels)
+    return ResumableSampler(
+        dataset,
+        batch_size=batch_size,
+        num_replicas=world,
+        rank=rank,
+        seed=seed,
+        drop_last=drop_last,
+        epoch=epoch,
+        start=start,
+        with_seeds=with_seeds,
+        labels=labels,
+    )
 
 
 def take_resume_position(trainer: pl.Trainer) -> tuple[int, int] | None:

@@ -60,8 +60,10 @@ def check_initial_weights(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(pretrained, str) and pretrained.lower() == "none":
         cfg.backbone.pretrained = None
         if cfg.get("imagenet_required"):
-            log.warning("backbone.pretrained=none: training from scratch, but this recipe's paper numbers were "
-                        "obtained from ImageNet initialisation (torchvision's original ResNet-50 weights)")
+            log.warning(
+                "backbone.pretrained=none: training from scratch, but this recipe's paper numbers were "
+                "obtained from ImageNet initialisation (torchvision's original ResNet-50 weights)"
+            )
             return {"init": None, "imagenet": "none (explicitly disabled; the paper used ImageNet weights)"}
         return {"init": None, "imagenet": None}
     if pretrained is None and cfg.get("imagenet_required"):

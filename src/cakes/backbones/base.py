@@ -77,19 +77,22 @@ class SlotBuilder:
         if layer in self.built:
             raise ValueError(f"{self.backbone}: slot {layer!r} built twice")
         if self.expected.get(layer) != out_channels:
-            raise ValueError(f"{self.backbone}: slot {layer!r} with {out_channels} output channels is not in "
-                             f"slots() (which gives {self.expected.get(layer)})")
+            raise ValueError(
+                f"{self.backbone}: slot {layer!r} with {out_channels} output channels is not in "
+                f"slots() (which gives {self.expected.get(layer)})"
+            )
         self.built[layer] = out_channels
-        return self.operator(layer=layer, in_channels=in_channels, out_channels=out_channels, norm=norm,
-                             stride=stride)
+        return self.operator(layer=layer, in_channels=in_channels, out_channels=out_channels, norm=norm, stride=stride)
 
     def finish(self) -> dict[str, int]:
         """The slots built ``{name: width}`` in build order; ``ValueError`` unless they are exactly
         those of ``slots()``, in its order."""
         if list(self.built.items()) != list(self.expected.items()):
             missing = [n for n in self.expected if n not in self.built]
-            raise ValueError(f"{self.backbone}: slots() does not match the slots built (not built: {missing}; "
-                             f"order built: {list(self.built)})")
+            raise ValueError(
+                f"{self.backbone}: slots() does not match the slots built (not built: {missing}; "
+                f"order built: {list(self.built)})"
+            )
         return dict(self.built)
 
 

@@ -63,8 +63,9 @@ class PreActConv(nn.Sequential):
     """``ReLU → Conv3d (k³, no bias, 'same' padding) → InstanceNorm3d``;
     ``(N, C_in, …) -> (N, C_out, …/stride)``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-                 activation: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, activation: bool = True
+    ) -> None:
         super().__init__()
         if activation:
             self.act = nn.ReLU()
@@ -103,8 +104,10 @@ class MergeCell(nn.Module):
         self.op0 = operator(layer=f"{name}.op0", in_channels=channels, out_channels=channels, norm=INSTANCE_NORM)
         self.op1 = operator(layer=f"{name}.op1", in_channels=channels, out_channels=channels, norm=INSTANCE_NORM)
         if self.op0.out_channels != self.op1.out_channels:
-            raise ValueError(f"cell {name}: op0 emits {self.op0.out_channels} channels, op1 {self.op1.out_channels}; "
-                             "the two branches are summed and must match")
+            raise ValueError(
+                f"cell {name}: op0 emits {self.op0.out_channels} channels, op1 {self.op1.out_channels}; "
+                "the two branches are summed and must match"
+            )
         self.post = PreActConv(self.op0.out_channels, channels)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
@@ -168,11 +171,13 @@ class C2FNAS(nn.Module):
         for name, level, kind, inputs in CELLS:
             channels, x_channels = widths[level - 1], widths[level_of[inputs[0]] - 1]
             if kind in ("plain", "down"):
-                cell: nn.Module = ChainCell(name=name, in_channels=x_channels, channels=channels,
-                                            down=kind == "down", operator=slot_builder)
+                cell: nn.Module = ChainCell(
+                    name=name, in_channels=x_channels, channels=channels, down=kind == "down", operator=slot_builder
+                )
             else:
-                cell = MergeCell(name=name, x_channels=x_channels, channels=channels, up=kind == "merge_up",
-                                 operator=slot_builder)
+                cell = MergeCell(
+                    name=name, x_channels=x_channels, channels=channels, up=kind == "merge_up", operator=slot_builder
+                )
             self.add_module(name, cell)
             level_of[name] = level
         self.built_slots = slot_builder.finish()
@@ -190,9 +195,11 @@ class C2FNAS(nn.Module):
         sizes = [int(s) for s in spatial]
         if len(sizes) != 3 or any(s % 16 or s < cls.MIN_INPUT_SIZE for s in sizes):
             fitting = [max(cls.MIN_INPUT_SIZE, -(-s // 16) * 16) for s in sizes]
-            raise ValueError(f"{source} {sizes}: C2FNAS needs three sizes, each a multiple of 16 and at least "
-                             f"{cls.MIN_INPUT_SIZE} (its deepest level is 1/16 of the input; its instance norms need "
-                             f"more than one voxel there), e.g. {fitting}")
+            raise ValueError(
+                f"{source} {sizes}: C2FNAS needs three sizes, each a multiple of 16 and at least "
+                f"{cls.MIN_INPUT_SIZE} (its deepest level is 1/16 of the input; its instance norms need "
+                f"more than one voxel there), e.g. {fitting}"
+            )
 
     @staticmethod
     def slots(*, width: float = 1.0) -> dict[str, int]:

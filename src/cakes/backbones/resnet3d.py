@@ -85,7 +85,10 @@ class BasicBlock(nn.Module):
     def __init__(self, *, name: str, in_channels: int, planes: int, stride: int, operator: SlotBuilder) -> None:
         super().__init__()
         self.conv1 = operator(
-            layer=f"{name}.conv1", in_channels=in_channels, out_channels=planes, stride=(1, stride, stride),
+            layer=f"{name}.conv1",
+            in_channels=in_channels,
+            out_channels=planes,
+            stride=(1, stride, stride),
             norm=nn.BatchNorm3d,
         )
         self.conv2 = operator(
@@ -149,8 +152,13 @@ class ResNet3d(nn.Module):
             for i in range(n_blocks):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 layer.append(
-                    block_cls(name=f"layer{stage + 1}.{i}", in_channels=channels, planes=planes, stride=stride,
-                              operator=slot_builder)
+                    block_cls(
+                        name=f"layer{stage + 1}.{i}",
+                        in_channels=channels,
+                        planes=planes,
+                        stride=stride,
+                        operator=slot_builder,
+                    )
                 )
                 channels = planes * EXPANSION[kind]
             self.add_module(f"layer{stage + 1}", nn.Sequential(*layer))
@@ -311,8 +319,11 @@ class ImageNetInflation:
         """The report, once every model tensor outside ``fc`` was fed and every source key but the
         1000-way ``fc`` used; else ``ValueError`` listing every problem."""
         slot_prefixes = tuple(f"{n}." for n in slots)
-        not_fed = [k for k in self.own if k not in self.fed and not k.startswith(("fc.", *slot_prefixes))
-                   and not k.endswith("num_batches_tracked")]
+        not_fed = [
+            k
+            for k in self.own
+            if k not in self.fed and not k.startswith(("fc.", *slot_prefixes)) and not k.endswith("num_batches_tracked")
+        ]
         if not_fed:
             self.problems.append(f"model tensors missing from the source: {not_fed}")
         for key in ("fc.weight", "fc.bias"):

@@ -26,22 +26,26 @@ class BadSampleReport(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._skipped_this_epoch = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if isinstance(batch, dict) and "skipped" in batch:
             self._batches_count_skips = True
             self._skipped_this_epoch += int(batch["skipped"])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.strategy.reduce(torch.tensor(float(self._skipped_this_epoch), device=pl_module.device),
-                                        reduce_op="sum")
+        total = trainer.strategy.reduce(
+            torch.tensor(float(self._skipped_this_epoch), device=pl_module.device), reduce_op="sum"
+        )
         skipped = int(round(float(total)))
         self.history.append((trainer.current_epoch, skipped))
         if self._batches_count_skips:
             pl_module.log("train/skipped_samples", float(skipped), rank_zero_only=True)
         if skipped and trainer.is_global_zero:
-            message = (f"epoch {trainer.current_epoch}: skipped {skipped} unreadable training sample(s) "
-                       "(data.bad_sample=skip; each is named in a BadSampleWarning; "
-                       "python -m cakes.check_data <overrides> lists them all)")
+            message = (
+                f"epoch {trainer.current_epoch}: skipped {skipped} unreadable training sample(s) "
+                "(data.bad_sample=skip; each is named in a BadSampleWarning; "
+                "python -m cakes.check_data <overrides> lists them all)"
+            )
             log.warning(message)
             print(message, file=sys.stderr, flush=True)

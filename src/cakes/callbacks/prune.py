@@ -181,12 +181,16 @@ class CakesPruneCallback(pl.Callback):
         self.retrain_command = self.command_for(self.export_path)
         header = f"Found by a CAKES search in {run_dir}\nRetrain: {self.retrain_command}"
         save_arch(arch, Path(run_dir) / "arch" / self.export_path.name, header=header)
-        log.info("found architecture written to %s (%s)", self.export_path,
-                 ", ".join(f"{k}={v}" for k, v in cost.items()))
+        log.info(
+            "found architecture written to %s (%s)", self.export_path, ", ".join(f"{k}={v}" for k, v in cost.items())
+        )
         plot_path = None
         if self.plot:
-            plot_path = plot_arch(arch, Path(run_dir) / "arch" / f"{self.export_path.stem}.png",
-                                  title=f"{self.export_path.stem} ({meta['selection']})")
+            plot_path = plot_arch(
+                arch,
+                Path(run_dir) / "arch" / f"{self.export_path.stem}.png",
+                title=f"{self.export_path.stem} ({meta['selection']})",
+            )
         for logger in trainer.loggers:
             logger.log_metrics({f"found/{k}": float(v) for k, v in cost.items()}, step=trainer.global_step)
             if hasattr(logger, "log_image") and plot_path is not None:

@@ -66,8 +66,9 @@ class ResumeStateCallback(pl.Callback):
         self._epoch, self._batches = trainer.current_epoch, 0
         self._per_epoch = trainer.num_training_batches
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._batches += 1
         self._per_epoch = trainer.num_training_batches
 
@@ -128,13 +129,21 @@ class ResumeStateCallback(pl.Callback):
             path = last_checkpoint_path(trainer)
             trainer.save_checkpoint(path)
             if trainer.is_global_zero:
-                log.warning("SIGTERM: saved %s (global step %d); continue with resume=auto in the same run "
-                            "directory (see resume_command.txt)", path, trainer.global_step)
+                log.warning(
+                    "SIGTERM: saved %s (global step %d); continue with resume=auto in the same run "
+                    "directory (see resume_command.txt)",
+                    path,
+                    trainer.global_step,
+                )
         elif trainer.is_global_zero:  # Ctrl-C, or submitit's requeue exit (rank zero only): no collectives
             path = last_checkpoint_path(trainer)
             trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
-            log.warning("%s: saved %s (global step %d); continue with resume=auto in the same run directory",
-                        type(exception).__name__, path, trainer.global_step)
+            log.warning(
+                "%s: saved %s (global step %d); continue with resume=auto in the same run directory",
+                type(exception).__name__,
+                path,
+                trainer.global_step,
+            )
         if isinstance(exception, SIGTERMException) and self._should_requeue() and trainer.is_global_zero:
             requeue_slurm_job()
 
@@ -147,8 +156,11 @@ class ResumeStateCallback(pl.Callback):
 def last_checkpoint_path(trainer: pl.Trainer) -> Path:
     """``<checkpoint dir>/last.ckpt`` of the trainer's (first) ModelCheckpoint, else of the run dir."""
     callback = trainer.checkpoint_callback
-    folder = Path(callback.dirpath) if callback is not None and callback.dirpath else (
-        Path(trainer.default_root_dir) / "checkpoints")
+    folder = (
+        Path(callback.dirpath)
+        if callback is not None and callback.dirpath
+        else (Path(trainer.default_root_dir) / "checkpoints")
+    )
     return folder / "last.ckpt"
 
 

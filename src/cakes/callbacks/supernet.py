@@ -64,10 +64,12 @@ class SupernetCallback(pl.Callback):
                 slot = unfit[0]
                 performance_slot = isinstance(slot, PerformancePrioritySlot)
                 shared = f", shared_kernel={slot.shared_kernel}" if performance_slot else ""
-                raise ValueError(f"search.full_kernel_epochs={self.full_kernel_epochs} needs the full kernel "
-                                 f"(3x3x3) in the op set, and search.shared_kernel=true for performance-priority "
-                                 f"slots: layer {slot.layer!r} (op set {slot.op_set.name}{shared}); or turn the "
-                                 f"warm-up off with search.full_kernel_epochs=0")
+                raise ValueError(
+                    f"search.full_kernel_epochs={self.full_kernel_epochs} needs the full kernel "
+                    f"(3x3x3) in the op set, and search.shared_kernel=true for performance-priority "
+                    f"slots: layer {slot.layer!r} (op set {slot.op_set.name}{shared}); or turn the "
+                    f"warm-up off with search.full_kernel_epochs=0"
+                )
         self._samplers = list({id(s.sampler): s.sampler for s in performance}.values())
         self._cost_slots = cost
         self._set_full_kernel(trainer.current_epoch)  # also right for a resumed fit's first validation
@@ -77,8 +79,9 @@ class SupernetCallback(pl.Callback):
         for holder in (*self._samplers, *self._cost_slots):
             holder.full_kernel = self.warming_up
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         for sampler in self._samplers:
             sampler.seed(mix_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))
         self._set_full_kernel(trainer.current_epoch)

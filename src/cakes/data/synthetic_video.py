@@ -221,7 +221,6 @@ def _write_dataset(out: Path, params: dict[str, Any]) -> None:
         (out / SPLIT_FILES[split]).write_text("".join(lines), encoding="utf-8")
 
 
-
 def generate_synthetic_ssv1(
     root: str | os.PathLike[str],
     *,

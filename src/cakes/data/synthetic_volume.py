@@ -45,8 +45,9 @@ def has_lesion(index: int) -> bool:
     return index % 3 != 0
 
 
-def render_case(rng: np.random.Generator, shape: Sequence[int], voxel_size: Sequence[float],
-                lesion: bool) -> tuple[np.ndarray, np.ndarray]:
+def render_case(
+    rng: np.random.Generator, shape: Sequence[int], voxel_size: Sequence[float], lesion: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """``(image int16 (X, Y, Z) HU, label uint8 (X, Y, Z))`` on a grid of ``voxel_size`` mm."""
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, voxel_size, strict=True)]
     x, y, z = np.meshgrid(*axes, indexing="ij")
@@ -94,8 +95,9 @@ def _write_dataset(out: Path, params: dict[str, Any]) -> None:
     training = []
     for i in range(1, params["num_cases"] + 1):
         name = f"pancreas_{i:03d}.nii.gz"
-        image, label = render_case(np.random.default_rng([params["seed"], i]), params["shape"], params["voxel_size"],
-                                   has_lesion(i))
+        image, label = render_case(
+            np.random.default_rng([params["seed"], i]), params["shape"], params["voxel_size"], has_lesion(i)
+        )
         for folder, array in (("imagesTr", image), ("labelsTr", label)):
             img = nib.Nifti1Image(array, affine)
             img.header.set_xyzt_units("mm")
@@ -117,7 +119,6 @@ def _write_dataset(out: Path, params: dict[str, Any]) -> None:
         "test": [],
     }
     (out / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n", encoding="utf-8")
-
 
 
 def generate_synthetic_msd(
@@ -155,8 +156,10 @@ def generate_synthetic_msd(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point; see ``--help``."""
-    parser = argparse.ArgumentParser(prog="python -m cakes.data.synthetic_volume",
-                                     description="Write a synthetic MSD Task07_Pancreas-layout dataset.")
+    parser = argparse.ArgumentParser(
+        prog="python -m cakes.data.synthetic_volume",
+        description="Write a synthetic MSD Task07_Pancreas-layout dataset.",
+    )
     parser.add_argument("--root", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--num-cases", type=int, default=12)
     parser.add_argument("--shape", type=int, nargs=3, default=(64, 64, 24), metavar=("X", "Y", "Z"))
@@ -164,8 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    root = generate_synthetic_msd(args.root, num_cases=args.num_cases, shape=args.shape, voxel_size=args.voxel_size,
-                                  seed=args.seed)
+    root = generate_synthetic_msd(
+        args.root, num_cases=args.num_cases, shape=args.shape, voxel_size=args.voxel_size, seed=args.seed
+    )
     print(f"{root}: {args.num_cases} cases ready in {time.perf_counter() - start:.1f} s")
 
 

@@ -41,8 +41,14 @@ class MSDDataModule(VolumeDataModule):
 
     dataset_name = "msd_task07_pancreas"
 
-    def __init__(self, root: str | os.PathLike[str], *, dataset_json: str = "dataset.json",
-                 val_fraction: float = 0.2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        dataset_json: str = "dataset.json",
+        val_fraction: float = 0.2,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root, **kwargs)
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -56,15 +62,20 @@ class MSDDataModule(VolumeDataModule):
         data = read_json(self.dataset_json, "MSD dataset.json")
         labels = data.get("labels") if isinstance(data, dict) else None
         if not isinstance(labels, dict) or len(labels) != self.num_classes:
-            raise ValueError(f"{self.dataset_json}: 'labels' {labels} does not list num_classes={self.num_classes} "
-                             "classes")
+            raise ValueError(
+                f"{self.dataset_json}: 'labels' {labels} does not list num_classes={self.num_classes} classes"
+            )
         if not isinstance(data.get("training"), list):
             raise ValueError(f"{self.dataset_json}: no 'training' list")
         for k, entry in enumerate(data["training"]):
-            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(
-                    entry.get("label"), str):
-                raise ValueError(f"{self.dataset_json}: training[{k}] must be {{'image': path, 'label': path}}, "
-                                 f"got {entry!r}")
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("image"), str)
+                or not isinstance(entry.get("label"), str)
+            ):
+                raise ValueError(
+                    f"{self.dataset_json}: training[{k}] must be {{'image': path, 'label': path}}, got {entry!r}"
+                )
         datalist = load_decathlon_datalist(self.dataset_json, True, "training", base_dir=self.root)
         return [Case(case_id(entry["image"]), Path(entry["image"]), Path(entry["label"])) for entry in datalist]
 
@@ -73,8 +84,9 @@ class MSDDataModule(VolumeDataModule):
         for case in cases:
             for what, path in (("image", case.image), ("label", case.label)):
                 if not path.is_file():
-                    raise FileNotFoundError(f"case {case.case!r}: {what} listed in {self.dataset_json} not found: "
-                                            f"{path}")
+                    raise FileNotFoundError(
+                        f"case {case.case!r}: {what} listed in {self.dataset_json} not found: {path}"
+                    )
         return cases
 
     def make_split(self, case_ids: list[str]) -> dict[str, Any]:
@@ -82,8 +94,12 @@ class MSDDataModule(VolumeDataModule):
         n_val = max(1, round(len(order) * self.val_fraction))
         if n_val >= len(order):
             raise ValueError(f"{len(order)} cases cannot be split with val_fraction={self.val_fraction}")
-        return {"train": sorted(order[n_val:]), "val": sorted(order[:n_val]), "seed": self.split_seed,
-                "val_fraction": self.val_fraction}
+        return {
+            "train": sorted(order[n_val:]),
+            "val": sorted(order[:n_val]),
+            "seed": self.split_seed,
+            "val_fraction": self.val_fraction,
+        }
 
 
 class SyntheticMSDDataModule(MSDDataModule):
@@ -97,12 +113,23 @@ class SyntheticMSDDataModule(MSDDataModule):
 
     dataset_name = "synthetic_msd"
 
-    def __init__(self, root: str | os.PathLike[str], *, num_cases: int = 12,
-                 shape: tuple[int, int, int] = (64, 64, 24), voxel_size: tuple[float, float, float] = (0.8, 0.8, 2.5),
-                 generator_seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        num_cases: int = 12,
+        shape: tuple[int, int, int] = (64, 64, 24),
+        voxel_size: tuple[float, float, float] = (0.8, 0.8, 2.5),
+        generator_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root, **kwargs)
-        self.generation = {"num_cases": num_cases, "shape": tuple(shape), "voxel_size": tuple(voxel_size),
-                           "seed": generator_seed}
+        self.generation = {
+            "num_cases": num_cases,
+            "shape": tuple(shape),
+            "voxel_size": tuple(voxel_size),
+            "seed": generator_seed,
+        }
 
     def prepare_data(self) -> None:
         """Generate the dataset unless ``root`` already holds it (atomic, idempotent)."""

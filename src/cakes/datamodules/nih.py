@@ -67,8 +67,11 @@ class DicomSeriesReader(ImageReader):
         if any(not np.allclose(s.ImageOrientationPatient, orientation, atol=1e-4) for s in slices):
             raise ValueError(f"{folder}: slices have different orientations")
         slices = sorted(slices, key=lambda s: float(np.dot(np.array(s.ImagePositionPatient, dtype=float), normal)))
-        planes = [s.pixel_array.astype(np.float32) * float(getattr(s, "RescaleSlope", 1))
-                  + float(getattr(s, "RescaleIntercept", 0)) for s in slices]
+        planes = [
+            s.pixel_array.astype(np.float32) * float(getattr(s, "RescaleSlope", 1))
+            + float(getattr(s, "RescaleIntercept", 0))
+            for s in slices
+        ]
         if len({p.shape for p in planes}) != 1:
             raise ValueError(f"{folder}: slices have different sizes {sorted({p.shape for p in planes})}")
         volume = np.stack(planes, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
@@ -106,9 +109,18 @@ class NIHPancreasDataModule(VolumeDataModule):
     dataset_name = "nih_pancreas_ct"
     split_filename = "folds.json"
 
-    def __init__(self, root: str | os.PathLike[str], *, image_dir: str = "images", label_dir: str = "labels",
-                 image_format: str = "dicom", num_folds: int = 4, fold: int = 0,
-                 exclude_cases: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        image_dir: str = "images",
+        label_dir: str = "labels",
+        image_format: str = "dicom",
+        num_folds: int = 4,
+        fold: int = 0,
+        exclude_cases: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root, **kwargs)
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
@@ -129,8 +141,11 @@ class NIHPancreasDataModule(VolumeDataModule):
 
     def _label_file_names(self) -> list[str]:
         """Sorted names in the label folder (hidden ``._*`` files left out); the folders must exist."""
-        for what, path in (("NIH Pancreas-CT root", self.root), ("image folder", self.image_path),
-                           ("label folder", self.label_path)):
+        for what, path in (
+            ("NIH Pancreas-CT root", self.root),
+            ("image folder", self.image_path),
+            ("label folder", self.label_path),
+        ):
             if not path.is_dir():
                 raise FileNotFoundError(f"{what} not found: {path} (set data.root / data.image_dir / data.label_dir)")
         return sorted(p.name for p in self.label_path.iterdir() if not p.name.startswith("."))
@@ -138,8 +153,9 @@ class NIHPancreasDataModule(VolumeDataModule):
     def _labelled_cases(self, names: list[str]) -> list[Case]:
         """A case per ``label<NNNN>.nii[.gz]`` of ``names``, excluded cases included."""
         matches = [m for m in map(_LABEL.match, names) if m is not None]
-        return [Case(f"PANCREAS_{m.group(1)}", self._image_of(m.group(1)), self.label_path / m.group(0))
-                for m in matches]
+        return [
+            Case(f"PANCREAS_{m.group(1)}", self._image_of(m.group(1)), self.label_path / m.group(0)) for m in matches
+        ]
 
     def listed_cases(self) -> list[Case]:
         """Every labelled case not in ``exclude_cases``, its image unchecked."""
@@ -152,12 +168,15 @@ class NIHPancreasDataModule(VolumeDataModule):
             try:
                 import pydicom  # noqa: F401
             except ImportError:
-                raise ImportError("reading NIH DICOM series needs pydicom (pip install pydicom), or convert the "
-                                  "images to NIfTI and set data.image_format=nifti") from None
+                raise ImportError(
+                    "reading NIH DICOM series needs pydicom (pip install pydicom), or convert the "
+                    "images to NIfTI and set data.image_format=nifti"
+                ) from None
         unexpected = [n for n in names if not _LABEL.match(n)]
         if unexpected:
-            warnings.warn(f"{self.label_path}: ignoring files not named label<NNNN>.nii.gz: {unexpected[:10]}",
-                          stacklevel=2)
+            warnings.warn(
+                f"{self.label_path}: ignoring files not named label<NNNN>.nii.gz: {unexpected[:10]}", stacklevel=2
+            )
         labelled = self._labelled_cases(names)
         excluded = set(self.exclude_cases)
         cases = [c for c in labelled if c.case not in excluded]
@@ -169,18 +188,20 @@ class NIHPancreasDataModule(VolumeDataModule):
         if unknown:
             raise ValueError(f"exclude_cases {sorted(unknown)} are not cases of {self.label_path}")
         used_images = {c.image.name for c in cases}
-        unlabelled = sorted(p.name for p in self.image_path.iterdir()
-                            if p.name.startswith("PANCREAS_") and p.name not in used_images)
+        unlabelled = sorted(
+            p.name for p in self.image_path.iterdir() if p.name.startswith("PANCREAS_") and p.name not in used_images
+        )
         if unlabelled:
-            warnings.warn(f"{self.image_path}: images without a label file are not used: {unlabelled[:10]}",
-                          stacklevel=2)
+            warnings.warn(
+                f"{self.image_path}: images without a label file are not used: {unlabelled[:10]}", stacklevel=2
+            )
         return cases
 
     def make_split(self, case_ids: list[str]) -> dict[str, Any]:
         if len(case_ids) < self.num_folds:
             raise ValueError(f"{len(case_ids)} cases cannot make {self.num_folds} folds")
         order = np.random.default_rng(self.split_seed).permutation(sorted(case_ids)).tolist()
-        folds = [sorted(order[k:: self.num_folds]) for k in range(self.num_folds)]
+        folds = [sorted(order[k :: self.num_folds]) for k in range(self.num_folds)]
         return self._fold_split(folds, {"seed": self.split_seed, "excluded": self.exclude_cases})
 
     def split_from_file(self, data: Mapping[str, Any], path: Path) -> dict[str, Any]:

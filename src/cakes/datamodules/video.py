@@ -68,8 +68,9 @@ def check_loader_arguments(
         raise ValueError(f"train_scales must be non-empty fractions in (0, 1], got {list(train_scales)}")
 
 
-def listing_problems(records: Sequence[VideoRecord], split: str, num_classes: int,
-                     first_split: dict[str, str]) -> list[tuple[str, str]]:
+def listing_problems(
+    records: Sequence[VideoRecord], split: str, num_classes: int, first_split: dict[str, str]
+) -> list[tuple[str, str]]:
     """``(video, reason)`` for labels outside ``0..num_classes-1`` and ids listed in an earlier split.
 
     ``first_split`` maps every id seen so far to its split; this split's ids are added.
@@ -146,9 +147,16 @@ class VideoDataModule(SplitDataModule):
     ) -> None:
         super().__init__()
         check_loader_arguments(
-            num_frames=num_frames, crop_size=crop_size, test_short_side=test_short_side, train_scales=train_scales,
-            val_views=(val_clips, val_crops), test_views=(test_clips, test_crops), batch_size=batch_size,
-            num_workers=num_workers, num_classes=num_classes, bad_sample=bad_sample,
+            num_frames=num_frames,
+            crop_size=crop_size,
+            test_short_side=test_short_side,
+            train_scales=train_scales,
+            val_views=(val_clips, val_crops),
+            test_views=(test_clips, test_crops),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            num_classes=num_classes,
+            bad_sample=bad_sample,
         )
         self.root = Path(root).expanduser()
         self.balanced_batches = bool(balanced_batches)

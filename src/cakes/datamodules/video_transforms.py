@@ -101,9 +101,19 @@ def fixed_crop_offsets(height: int, width: int, crop_h: int, crop_w: int) -> lis
     h_step = (height - crop_h) // 4
     w_step = (width - crop_w) // 4
     grid = [
-        (0, 0), (0, 4), (4, 0), (4, 4), (2, 2),  # corners (top-left, top-right, ...), centre
-        (2, 0), (2, 4), (4, 2), (0, 2),  # centre-left, centre-right, bottom-centre, top-centre
-        (1, 1), (1, 3), (3, 1), (3, 3),  # quarter points
+        (0, 0),
+        (0, 4),
+        (4, 0),
+        (4, 4),
+        (2, 2),  # corners (top-left, top-right, ...), centre
+        (2, 0),
+        (2, 4),
+        (4, 2),
+        (0, 2),  # centre-left, centre-right, bottom-centre, top-centre
+        (1, 1),
+        (1, 3),
+        (3, 1),
+        (3, 3),  # quarter points
     ]
     return [(gy * h_step, gx * w_step) for gy, gx in grid]
 

@@ -70,8 +70,9 @@ def nifti_problem(path: Path, image: Any) -> str | None:
 
     try:
         header = image.header
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
-            int(header.get_data_dtype().itemsize)
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * int(
+            header.get_data_dtype().itemsize
+        )
     except Exception:  # noqa: BLE001 - not a format with this layout: nothing to check cheaply
         return None
     if path.name.endswith(".gz"):
@@ -103,8 +104,10 @@ def case_error(record: Mapping[str, Any], err: BaseException) -> CaseError:
     case = record.get("case", "?")
     message = " ".join(str(root).split())
     if not message.startswith(f"case {case!r}"):
-        message = (f"case {case!r} (image {record.get('image')}, label {record.get('label')}): "
-                   f"{type(root).__name__}: {message}")
+        message = (
+            f"case {case!r} (image {record.get('image')}, label {record.get('label')}): "
+            f"{type(root).__name__}: {message}"
+        )
     return CaseError(message)
 
 
@@ -200,8 +203,9 @@ class SeededSamples(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def check_grid_arguments(num_classes: int, spacing: Sequence[float], window: Sequence[float],
-                         patch_size: Sequence[int]) -> None:
+def check_grid_arguments(
+    num_classes: int, spacing: Sequence[float], window: Sequence[float], patch_size: Sequence[int]
+) -> None:
     """Raise ``ValueError`` for a class count, voxel size, HU window or patch size out of range."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
@@ -213,9 +217,15 @@ def check_grid_arguments(num_classes: int, spacing: Sequence[float], window: Seq
         raise ValueError(f"patch_size must be 3 positive sizes, got {list(patch_size)}")
 
 
-def check_crop_arguments(crops_per_volume: int, batch_size: int, crop_pos: float, crop_neg: float,
-                         flip_axes: Sequence[int], rotate_planes: Sequence[Sequence[int]],
-                         patch_size: Sequence[int]) -> None:
+def check_crop_arguments(
+    crops_per_volume: int,
+    batch_size: int,
+    crop_pos: float,
+    crop_neg: float,
+    flip_axes: Sequence[int],
+    rotate_planes: Sequence[Sequence[int]],
+    patch_size: Sequence[int],
+) -> None:
     """Raise ``ValueError`` for training crop and augmentation settings that cannot work together."""
     if crops_per_volume < 1 or batch_size % crops_per_volume:
         raise ValueError(f"crops_per_volume ({crops_per_volume}) must be >= 1 and divide batch_size ({batch_size})")
@@ -231,8 +241,9 @@ def check_crop_arguments(crops_per_volume: int, batch_size: int, crop_pos: float
             raise ValueError(f"a 90° rotation in plane {plane} needs equal patch sizes there, got patch_size {patch}")
 
 
-def check_loading_arguments(eval_space: str, cache_rate: float, num_workers: int,
-                            regions: Mapping[str, Sequence[int]], num_classes: int) -> None:
+def check_loading_arguments(
+    eval_space: str, cache_rate: float, num_workers: int, regions: Mapping[str, Sequence[int]], num_classes: int
+) -> None:
     """Raise ``ValueError`` for an unknown evaluation space, cache rate, worker count or bad regions."""
     if eval_space not in EVAL_SPACES:
         raise ValueError(f"eval_space must be one of {EVAL_SPACES}, got {eval_space!r}")
@@ -375,8 +386,9 @@ class VolumeDataModule(SplitDataModule):
                 try:
                     loaded[what] = nib.load(str(path))
                 except Exception as err:  # noqa: BLE001 - any reader failure makes the case unusable
-                    raise ValueError(f"case {case.case!r}: cannot read the {what} {path}: {type(err).__name__}: "
-                                     f"{err}") from None
+                    raise ValueError(
+                        f"case {case.case!r}: cannot read the {what} {path}: {type(err).__name__}: {err}"
+                    ) from None
                 problem = nifti_problem(path, loaded[what])
                 if problem:
                     raise ValueError(f"case {case.case!r}: {what} {path}: {problem}")
@@ -457,13 +469,16 @@ class VolumeDataModule(SplitDataModule):
     # ----------------------------------------------------------------- datasets
     def _records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         by_id = {c.case: c for c in self.cases}
-        return [{"case": i, "index": k, "image": str(by_id[i].image), "label": str(by_id[i].label)}
-                for k, i in enumerate(ids)]
+        return [
+            {"case": i, "index": k, "image": str(by_id[i].image), "label": str(by_id[i].label)}
+            for k, i in enumerate(ids)
+        ]
 
     def _dataset(self, records: list[dict[str, Any]], transform: Any) -> Dataset:
         if self.cache_rate > 0:
-            return NamedCaseCacheDataset(records, transform, cache_rate=self.cache_rate,
-                                         num_workers=self.num_workers or None, progress=False)
+            return NamedCaseCacheDataset(
+                records, transform, cache_rate=self.cache_rate, num_workers=self.num_workers or None, progress=False
+            )
         return NamedCaseDataset(records, transform)
 
     def setup(self, stage: str | None = None) -> None:
@@ -471,18 +486,33 @@ class VolumeDataModule(SplitDataModule):
         split = self.resolve_split()
         if self.split_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             write_json_atomic(self.split_dir / self.split_filename, {k: v for k, v in split.items() if k != "source"})
-        common = {"num_classes": self.num_classes, "spacing": self.spacing, "window": self.window,
-                  "image_reader": self.image_reader}
+        common = {
+            "num_classes": self.num_classes,
+            "spacing": self.spacing,
+            "window": self.window,
+            "image_reader": self.image_reader,
+        }
         if stage in (None, "fit"):
             world = self.trainer.world_size if self.trainer is not None else 1
             volumes = self.batch_size // self.crops_per_volume
             if len(split["train"]) // world < volumes:
-                raise ValueError(f"{len(split['train'])} training cases over {world} device(s) are fewer than one "
-                                 f"batch of {volumes} volumes (batch_size {self.batch_size} / crops_per_volume "
-                                 f"{self.crops_per_volume})")
-            self.train_set = self._dataset(self._records(split["train"]), train_transforms(
-                patch_size=self.patch_size, crops_per_volume=self.crops_per_volume, pos=self.crop_pos,
-                neg=self.crop_neg, flip_axes=self.flip_axes, rotate_planes=self.rotate_planes, **common))
+                raise ValueError(
+                    f"{len(split['train'])} training cases over {world} device(s) are fewer than one "
+                    f"batch of {volumes} volumes (batch_size {self.batch_size} / crops_per_volume "
+                    f"{self.crops_per_volume})"
+                )
+            self.train_set = self._dataset(
+                self._records(split["train"]),
+                train_transforms(
+                    patch_size=self.patch_size,
+                    crops_per_volume=self.crops_per_volume,
+                    pos=self.crop_pos,
+                    neg=self.crop_neg,
+                    flip_axes=self.flip_axes,
+                    rotate_planes=self.rotate_planes,
+                    **common,
+                ),
+            )
         if stage in (None, "fit", "validate", "test"):
             evaluation = eval_transforms(keep_original_label=self.eval_space == "original", **common)
             self.val_set = self._dataset(self._records(split["val"]), evaluation)

@@ -55,13 +55,16 @@ class CheckPaird(MapTransform):
         d = dict(data)
         image, label = (d[k] for k in self.keys)
         case = d.get("case", "?")
-        check_grids(case, tuple(image.shape[1:]), np.asarray(image.affine), tuple(label.shape[1:]),
-                    np.asarray(label.affine))
+        check_grids(
+            case, tuple(image.shape[1:]), np.asarray(image.affine), tuple(label.shape[1:]), np.asarray(label.affine)
+        )
         values = torch.unique(torch.as_tensor(label))
         bad = values[(values < 0) | (values >= self.num_classes) | (values != values.round())]
         if bad.numel():
-            raise ValueError(f"case {case!r}: label {_path(label)} holds values {bad.tolist()[:5]} outside the "
-                             f"integer classes 0..{self.num_classes - 1}")
+            raise ValueError(
+                f"case {case!r}: label {_path(label)} holds values {bad.tolist()[:5]} outside the "
+                f"integer classes 0..{self.num_classes - 1}"
+            )
         return d
 
 
@@ -70,14 +73,21 @@ def _path(tensor: Any) -> str:
     return str(meta.get("filename_or_obj", "?"))
 
 
-def check_grids(case: str, image_shape: Sequence[int], image_affine: np.ndarray, label_shape: Sequence[int],
-                label_affine: np.ndarray) -> None:
+def check_grids(
+    case: str,
+    image_shape: Sequence[int],
+    image_affine: np.ndarray,
+    label_shape: Sequence[int],
+    label_affine: np.ndarray,
+) -> None:
     """``ValueError`` naming ``case`` when the label is not on the image's voxel grid."""
     if tuple(image_shape) != tuple(label_shape):
         raise ValueError(f"case {case!r}: image shape {tuple(image_shape)} != label shape {tuple(label_shape)}")
     if not np.allclose(image_affine, label_affine, rtol=0, atol=AFFINE_ATOL):
-        raise ValueError(f"case {case!r}: image and label affines differ (tolerance {AFFINE_ATOL} mm):\n"
-                         f"image\n{np.round(image_affine, 4)}\nlabel\n{np.round(label_affine, 4)}")
+        raise ValueError(
+            f"case {case!r}: image and label affines differ (tolerance {AFFINE_ATOL} mm):\n"
+            f"image\n{np.round(image_affine, 4)}\nlabel\n{np.round(label_affine, 4)}"
+        )
 
 
 def load_transforms(
@@ -99,8 +109,7 @@ def load_transforms(
     steps += [
         Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(KEYS, pixdim=tuple(float(s) for s in spacing), mode=("bilinear", "nearest")),
-        ScaleIntensityRanged("image", a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0,
-                             clip=True),
+        ScaleIntensityRanged("image", a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True),
     ]
     return steps
 
@@ -124,12 +133,21 @@ def train_transforms(
     steps = load_transforms(num_classes=num_classes, spacing=spacing, window=window, image_reader=image_reader)
     steps += [
         SpatialPadd(KEYS, spatial_size=patch),
-        RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=patch, pos=pos, neg=neg,
-                               num_samples=crops_per_volume, image_key="image", image_threshold=0.0),
+        RandCropByPosNegLabeld(
+            KEYS,
+            label_key="label",
+            spatial_size=patch,
+            pos=pos,
+            neg=neg,
+            num_samples=crops_per_volume,
+            image_key="image",
+            image_threshold=0.0,
+        ),
     ]
     steps += [RandFlipd(KEYS, prob=0.5, spatial_axis=int(axis)) for axis in flip_axes]
-    steps += [RandRotate90d(KEYS, prob=0.5, max_k=3, spatial_axes=tuple(int(a) for a in plane))
-              for plane in rotate_planes]
+    steps += [
+        RandRotate90d(KEYS, prob=0.5, max_k=3, spatial_axes=tuple(int(a) for a in plane)) for plane in rotate_planes
+    ]
     steps += [
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped("label", dtype=torch.long, track_meta=False),
@@ -146,8 +164,13 @@ def eval_transforms(
     keep_original_label: bool = False,
 ) -> Compose:
     """Load the whole volume; labels as long; metadata (affine, file name) kept for writing predictions."""
-    steps = load_transforms(num_classes=num_classes, spacing=spacing, window=window, image_reader=image_reader,
-                            keep_original_label=keep_original_label)
+    steps = load_transforms(
+        num_classes=num_classes,
+        spacing=spacing,
+        window=window,
+        image_reader=image_reader,
+        keep_original_label=keep_original_label,
+    )
     steps.append(EnsureTyped("image", dtype=torch.float32))
     steps.append(EnsureTyped(["label", "original_label"] if keep_original_label else "label", dtype=torch.long))
     return Compose(steps)

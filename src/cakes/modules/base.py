@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 def _channels_last_input(_module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: 5-D inputs in NDHWC memory (same values, different strides)."""
-    return tuple(a.contiguous(memory_format=torch.channels_last_3d) if torch.is_tensor(a) and a.dim() == 5 else a
-                 for a in args)
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last_3d) if torch.is_tensor(a) and a.dim() == 5 else a for a in args
+    )
 
 
 def first_occurrence(index: torch.Tensor) -> torch.Tensor:
@@ -78,8 +79,14 @@ class CakesModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            {"net": plain(net), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
-             "base_batch_size": base_batch_size, "input_shape": plain(input_shape), "channels_last": channels_last}
+            {
+                "net": plain(net),
+                "optimizer": plain(optimizer),
+                "scheduler": plain(scheduler),
+                "base_batch_size": base_batch_size,
+                "input_shape": plain(input_shape),
+                "channels_last": channels_last,
+            }
         )
         self.net = build_network(self.hparams.net)
         if input_shape and hasattr(self.net, "check_input_size"):  # before anything runs the network
@@ -107,8 +114,13 @@ class CakesModule(pl.LightningModule):
         if name != "sgd":
             raise ValueError(f"optimizer.name: only 'sgd' (the papers' recipe) is supported, got {name!r}")
         lr = self.scaled_lr()
-        log.info("lr %.5g = %.5g x global batch %d / %d", lr, opt["lr"], self.global_batch_size(),
-                 self.hparams.base_batch_size)
+        log.info(
+            "lr %.5g = %.5g x global batch %d / %d",
+            lr,
+            opt["lr"],
+            self.global_batch_size(),
+            self.hparams.base_batch_size,
+        )
         return torch.optim.SGD(
             parameter_groups(self.net, float(opt["weight_decay"])),
             lr=lr,
@@ -143,7 +155,11 @@ class CakesModule(pl.LightningModule):
 
             # the network as it runs now (a performance-priority supernet: its current selection)
             result = profile(self.net, (1, *self.hparams.input_shape))
-            log.info("model: %s params, %.3f GMACs per view at %s", f"{result.params:,}", result.macs / 1e9,
-                     tuple(self.hparams.input_shape))
+            log.info(
+                "model: %s params, %.3f GMACs per view at %s",
+                f"{result.params:,}",
+                result.macs / 1e9,
+                tuple(self.hparams.input_shape),
+            )
             for logger in self.loggers:
                 logger.log_hyperparams({"model/params": result.params, "model/gmacs": result.macs / 1e9})

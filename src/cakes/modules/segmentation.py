@@ -39,17 +39,18 @@ BLEND_MODES = ("gaussian", "constant")
 DEFAULT_EVALUATION: dict[str, Any] = {
     "regions": {"foreground": [1]},
     "per_label": False,
-    "roi_size": None,         # null: the training patch (input_shape[1:])
+    "roi_size": None,  # null: the training patch (input_shape[1:])
     "sw_batch_size": 2,
     "overlap": 0.5,
     "mode": "gaussian",
-    "stitch_device": "cpu",   # cpu | null (the model's device)
+    "stitch_device": "cpu",  # cpu | null (the model's device)
     "save_predictions": False,  # test stage: <run dir>/predictions/<case>.nii.gz
 }
 
 
-def region_dice(pred: torch.Tensor, label: torch.Tensor,
-                regions: Mapping[str, Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def region_dice(
+    pred: torch.Tensor, label: torch.Tensor, regions: Mapping[str, Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DSC per region of one case: ``pred``, ``label`` integer label maps of one shape.
 
     Returns ``(dsc, pred_empty)``, each ``(R,)``: dsc float64 (NaN where the reference region is
@@ -67,8 +68,9 @@ def region_dice(pred: torch.Tensor, label: torch.Tensor,
     return torch.tensor(dsc, dtype=torch.float64), torch.tensor(empty)
 
 
-def summarize_dice(dsc: torch.Tensor, pred_empty: torch.Tensor, names: Sequence[str], stage: str,
-                   mean_of: Sequence[str]) -> dict[str, float]:
+def summarize_dice(
+    dsc: torch.Tensor, pred_empty: torch.Tensor, names: Sequence[str], stage: str, mean_of: Sequence[str]
+) -> dict[str, float]:
     """Per-region mean/std/max/min over cases with a non-empty reference, the empty-reference
     counts, and ``<stage>/dsc_mean`` over the regions ``mean_of``; ``dsc``, ``pred_empty`` ``(N, R)``."""
     metrics: dict[str, float] = {f"{stage}/cases": float(dsc.shape[0])}
@@ -129,13 +131,16 @@ class VolumeSegmentationModule(CakesModule):
         self.num_classes = int(self.net.num_classes)
         bad = {k: v for k, v in evaluation["regions"].items() if not v or any(not 0 < x < self.num_classes for x in v)}
         if not evaluation["regions"] or bad:
-            raise ValueError(f"evaluation.regions must map names to labels in 1..{self.num_classes - 1}, "
-                             f"got {evaluation['regions']}")
+            raise ValueError(
+                f"evaluation.regions must map names to labels in 1..{self.num_classes - 1}, got {evaluation['regions']}"
+            )
         if evaluation["mode"] not in BLEND_MODES:
             raise ValueError(f"evaluation.mode must be one of {BLEND_MODES}, got {evaluation['mode']!r}")
         if not 0 <= float(evaluation["overlap"]) < 1 or int(evaluation["sw_batch_size"]) < 1:
-            raise ValueError(f"evaluation: need 0 <= overlap < 1 and sw_batch_size >= 1, got {evaluation['overlap']}, "
-                             f"{evaluation['sw_batch_size']}")
+            raise ValueError(
+                f"evaluation: need 0 <= overlap < 1 and sw_batch_size >= 1, got {evaluation['overlap']}, "
+                f"{evaluation['sw_batch_size']}"
+            )
         if evaluation["stitch_device"] not in (None, "cpu"):
             raise ValueError(f"evaluation.stitch_device must be 'cpu' or null, got {evaluation['stitch_device']!r}")
         roi = evaluation["roi_size"] or (list(input_shape)[1:] if input_shape else None)
@@ -145,8 +150,9 @@ class VolumeSegmentationModule(CakesModule):
         self.regions = dict(evaluation["regions"])
         if evaluation["per_label"]:
             self.regions.update({f"label{k}": [k] for k in range(1, self.num_classes)})
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(loss["lambda_dice"]),
-                               lambda_ce=float(loss["lambda_ce"]))
+        self.loss = DiceCELoss(
+            to_onehot_y=True, softmax=True, lambda_dice=float(loss["lambda_dice"]), lambda_ce=float(loss["lambda_ce"])
+        )
         self._eval_outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -174,7 +180,7 @@ class VolumeSegmentationModule(CakesModule):
             "dsc_regions": dict(self.regions),
             "dsc_mean_of": list(ev["regions"]),
             "empty_reference_rule": "excluded from the region's DSC statistics; counted in <region>_empty_cases, "
-                                    "<region>_empty_correct = fraction predicted empty",
+            "<region>_empty_correct = fraction predicted empty",
         }
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
@@ -183,8 +189,14 @@ class VolumeSegmentationModule(CakesModule):
         ev = self.hparams.evaluation
         image = image.as_tensor() if isinstance(image, MetaTensor) else image
         return sliding_window_inference(
-            image, self.roi_size, int(ev["sw_batch_size"]), self.net, overlap=float(ev["overlap"]), mode=ev["mode"],
-            sw_device=self.device, device=ev["stitch_device"] or self.device,
+            image,
+            self.roi_size,
+            int(ev["sw_batch_size"]),
+            self.net,
+            overlap=float(ev["overlap"]),
+            mode=ev["mode"],
+            sw_device=self.device,
+            device=ev["stitch_device"] or self.device,
         )
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -196,8 +208,9 @@ class VolumeSegmentationModule(CakesModule):
             on_grid = MetaTensor(pred.float(), affine=batch["image"].affine[0])
             pred = ResampleToMatch(mode="nearest")(on_grid, img_dst=reference[0]).as_tensor().round().long()
         ref = reference[0, 0]
-        dsc, empty = region_dice(pred[0].cpu(), (ref.as_tensor() if isinstance(ref, MetaTensor) else ref).cpu(),
-                                 self.regions)
+        dsc, empty = region_dice(
+            pred[0].cpu(), (ref.as_tensor() if isinstance(ref, MetaTensor) else ref).cpu(), self.regions
+        )
         self._eval_outputs.append((int(batch["index"][0]), dsc, empty))
         if stage == "test" and self.hparams.evaluation["save_predictions"]:
             self._write_prediction(batch["case"][0], pred[0], reference.affine[0])
@@ -235,8 +248,13 @@ class VolumeSegmentationModule(CakesModule):
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         protocol = self.protocol()
-        log.info("%s DSC over %d cases: %s\nprotocol: %s", stage, len(index),
-                 ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items()), json.dumps(protocol))
+        log.info(
+            "%s DSC over %d cases: %s\nprotocol: %s",
+            stage,
+            len(index),
+            ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items()),
+            json.dumps(protocol),
+        )
         cases = self._case_ids(index.tolist())
         report = {
             "stage": stage,
@@ -244,8 +262,10 @@ class VolumeSegmentationModule(CakesModule):
             "global_step": self.global_step,
             "protocol": protocol,
             "metrics": metrics,
-            "cases": {case: {n: (None if torch.isnan(d[r]) else float(d[r])) for r, n in enumerate(names)}
-                      for case, d in zip(cases, dsc, strict=True)},
+            "cases": {
+                case: {n: (None if torch.isnan(d[r]) else float(d[r])) for r, n in enumerate(names)}
+                for case, d in zip(cases, dsc, strict=True)
+            },
         }
         from cakes.files import write_atomic
 

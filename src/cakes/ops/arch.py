@@ -146,8 +146,9 @@ def load_arch(source: str | os.PathLike | Mapping | Arch) -> Arch:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
-            raise ArchError(f"{path}: not text: an arch file must be a UTF-8 YAML file (undecodable byte at offset "
-                            f"{err.start})") from None
+            raise ArchError(
+                f"{path}: not text: an arch file must be a UTF-8 YAML file (undecodable byte at offset {err.start})"
+            ) from None
         except yaml.YAMLError as err:
             raise ArchError(f"{path}: not valid yaml: {err}") from None
         return arch_from_mapping(data, source=str(path))

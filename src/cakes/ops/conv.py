@@ -25,6 +25,7 @@ from cakes.ops.inflate import inflate_2d_grouped
 from cakes.ops.reference import dense_weight
 from cakes.ops.subkernel import Stride, SubKernel, as_triple, parse_counts
 
+
 class CakesConv3d(nn.Module):
     """Heterogeneous 3D convolution with one sub-kernel per output channel.
 

@@ -33,6 +33,7 @@ from cakes.ops.inflate import inflate_2d
 from cakes.ops.reference import subkernel_conv
 from cakes.ops.subkernel import Stride, SubKernel, as_triple
 
+
 class SubKernelConv3d(nn.Module):
     """One convolution with a single sub-kernel, shape-preserving padding and optional groups.
 
@@ -84,9 +85,8 @@ class SubKernelConv3d(nn.Module):
         return ["weight"]
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, subkernel={self.subkernel.name}, stride={self.stride}"
-            + (f", groups={self.groups}" if self.groups != 1 else "")
+        return f"{self.in_channels}, {self.out_channels}, subkernel={self.subkernel.name}, stride={self.stride}" + (
+            f", groups={self.groups}" if self.groups != 1 else ""
         )
 
 

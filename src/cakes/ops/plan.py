@@ -132,8 +132,17 @@ def plan_key(
     channels, the ordered ``(sub-kernel, channels)`` groups, stride, bias."""
     layout = "channels_last" if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) else "ncdhw"
     groups = tuple((sub.name, w.shape[0]) for sub, w in zip(subs, weights, strict=True))
-    return (str(x.device), x.dtype, tuple(x.shape), layout, _needs_grad(x, weights, bias), weights[0].shape[1], groups,
-            tuple(stride), bias is not None)
+    return (
+        str(x.device),
+        x.dtype,
+        tuple(x.shape),
+        layout,
+        _needs_grad(x, weights, bias),
+        weights[0].shape[1],
+        groups,
+        tuple(stride),
+        bias is not None,
+    )
 
 
 def rule(subs: Sequence[SubKernel], weights: Sequence[Tensor], kernel_size: int) -> str:

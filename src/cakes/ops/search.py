@@ -57,8 +57,10 @@ def resolve_sampling(sampling: str, op_set: OpSet) -> str:
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"search.sampling must be one of {SAMPLING_MODES} or 'authors', got {sampling!r}")
     if sampling == "split_uniform" and len(op_set) != 2:
-        raise ValueError(f"search.sampling=split_uniform splits a layer between two ops; op set {op_set.name} has "
-                         f"{len(op_set)} ({', '.join(op_set.names)})")
+        raise ValueError(
+            f"search.sampling=split_uniform splits a layer between two ops; op set {op_set.name} has "
+            f"{len(op_set)} ({', '.join(op_set.names)})"
+        )
     return sampling
 
 
@@ -210,8 +212,10 @@ class CostPrioritySlot(SearchSlot):
         y = self.candidates(x)
         if self.full_kernel:
             if self.full_op is None:
-                raise ValueError(f"layer {self.layer!r}: the full-kernel warm-up needs the full kernel in the op set, "
-                                 f"got op set {self.op_set.name}")
+                raise ValueError(
+                    f"layer {self.layer!r}: the full-kernel warm-up needs the full kernel in the op set, "
+                    f"got op set {self.op_set.name}"
+                )
             keep = torch.zeros(self.num_ops, self.width, dtype=y.dtype, device=y.device)
             keep[self.full_op] = 1
             y = y * keep.view(1, -1, 1, 1, 1)
@@ -281,8 +285,10 @@ class PerformancePrioritySlot(SearchSlot):
         self.sampler, self.selection = sampler, eval_selection(sampler.mode, selection)
         self.out_channels = self.width
         if not isinstance(self.norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-            raise ValueError(f"layer {self.layer!r}: performance-priority slots slice a BatchNorm or InstanceNorm, "
-                             f"got {type(self.norm).__name__}")
+            raise ValueError(
+                f"layer {self.layer!r}: performance-priority slots slice a BatchNorm or InstanceNorm, "
+                f"got {type(self.norm).__name__}"
+            )
 
     @property
     def full_op(self) -> int | None:
@@ -293,9 +299,11 @@ class PerformancePrioritySlot(SearchSlot):
     def forward(self, x: Tensor) -> Tensor:
         if self.sampler.full_kernel:
             if self.full_op is None:
-                raise ValueError(f"layer {self.layer!r}: the full-kernel warm-up needs shared_kernel=true and the full "
-                                 f"kernel in the op set, got op set {self.op_set.name} "
-                                 f"(shared_kernel={self.shared_kernel})")
+                raise ValueError(
+                    f"layer {self.layer!r}: the full-kernel warm-up needs shared_kernel=true and the full "
+                    f"kernel in the op set, got op set {self.op_set.name} "
+                    f"(shared_kernel={self.shared_kernel})"
+                )
             ops = torch.full((self.width,), self.full_op, dtype=torch.long)
             channels = torch.arange(self.width)
         elif self.training:
@@ -346,8 +354,13 @@ class PerformancePrioritySlot(SearchSlot):
         ops, channels = self.select(rule or self.selection)
         counts = {name: int((ops == k).sum()) for k, name in enumerate(self.op_set.names)}
         conv = CakesConv3d(self.in_channels, counts, stride=self.candidates.stride)
-        bn = type(self.norm)(self.width, eps=self.norm.eps, momentum=self.norm.momentum, affine=True,
-                             track_running_stats=self.norm.track_running_stats)
+        bn = type(self.norm)(
+            self.width,
+            eps=self.norm.eps,
+            momentum=self.norm.momentum,
+            affine=True,
+            track_running_stats=self.norm.track_running_stats,
+        )
         order = torch.cat([(ops == k).nonzero().squeeze(1) for k in range(self.num_ops)])
         entries = (ops * self.width + channels)[order]
         with torch.no_grad():
@@ -377,8 +390,15 @@ class CostPriority(OperatorFactory):
     def __call__(
         self, *, layer: str, in_channels: int, out_channels: int, norm: NormFactory, stride: Stride = 1
     ) -> nn.Module:
-        return CostPrioritySlot(layer=layer, in_channels=in_channels, out_channels=out_channels,
-                                op_set=self.op_set, norm=norm, stride=stride, cost=self.cost)
+        return CostPrioritySlot(
+            layer=layer,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            op_set=self.op_set,
+            norm=norm,
+            stride=stride,
+            cost=self.cost,
+        )
 
 
 class PerformancePriority(OperatorFactory):
@@ -402,9 +422,17 @@ class PerformancePriority(OperatorFactory):
     def __call__(
         self, *, layer: str, in_channels: int, out_channels: int, norm: NormFactory, stride: Stride = 1
     ) -> nn.Module:
-        return PerformancePrioritySlot(layer=layer, in_channels=in_channels, out_channels=out_channels,
-                                       op_set=self.op_set, norm=norm, stride=stride, sampler=self.sampler,
-                                       selection=self.selection, shared_kernel=self.shared_kernel)
+        return PerformancePrioritySlot(
+            layer=layer,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            op_set=self.op_set,
+            norm=norm,
+            stride=stride,
+            sampler=self.sampler,
+            selection=self.selection,
+            shared_kernel=self.shared_kernel,
+        )
 
 
 def search_slots(module: nn.Module) -> list[SearchSlot]:

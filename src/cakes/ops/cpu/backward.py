@@ -96,9 +96,7 @@ class BackwardPass:
         #: the input gradient runs channels-last per group (oneDNN); else with the weight gradients
         self.channels_last_data = need_x and uses_onednn(x)
         #: ... and accumulates in place (kx1x1 groups included)
-        self.fused_data = (
-            self.channels_last_data and stride == (1, 1, 1) and torch_shim.convolution_add_ is not None
-        )
+        self.fused_data = self.channels_last_data and stride == (1, 1, 1) and torch_shim.convolution_add_ is not None
         #: weight-gradient units: the forward's (block fill) when the data gradient runs apart, else the groups
         self.units = list(unit_weights) if self.channels_last_data else self.groups
         self.gx: Tensor | None = None
@@ -120,8 +118,10 @@ class BackwardPass:
         """Per group into one channels-last accumulator (``kx1x1`` groups only where it adds in place)."""
         x = self.x
         # backward-data reads only the input's shape and layout (channels-last), never its values
-        like = x if self.fmt is CHANNELS_LAST else torch.empty(
-            x.shape, dtype=x.dtype, device=x.device, memory_format=CHANNELS_LAST
+        like = (
+            x
+            if self.fmt is CHANNELS_LAST
+            else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=CHANNELS_LAST)
         )
         for g in self.groups:
             if g.matmul and not self.fused_data:

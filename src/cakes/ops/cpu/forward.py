@@ -26,13 +26,21 @@ def layout_weights(
     """Convolution weights in ``x``'s layout, converted once per step (``F.conv3d`` and its backward
     would convert them on every call: channels-last input -> channels-last weight)."""
     fmt = memory_format_of(x)
-    return [w if runs_as_matmul(sub, stride) else w.contiguous(memory_format=fmt)
-            for w, sub in zip(weights, subs, strict=True)]
+    return [
+        w if runs_as_matmul(sub, stride) else w.contiguous(memory_format=fmt)
+        for w, sub in zip(weights, subs, strict=True)
+    ]
 
 
 def _convolution_unit_forward(
-    x: Tensor, w: Tensor, unit: Unit, stride: tuple[int, int, int], bias: Tensor | None,
-    y: Tensor, out_index: Tensor | None, onednn_cl: bool,
+    x: Tensor,
+    w: Tensor,
+    unit: Unit,
+    stride: tuple[int, int, int],
+    bias: Tensor | None,
+    y: Tensor,
+    out_index: Tensor | None,
+    onednn_cl: bool,
 ) -> None:
     """Rows of a convolution unit into ``y`` (in chunks of :data:`CHANNELS_LAST_FORWARD_CHUNK` for full
     ``kxkxk`` kernels on oneDNN channels-last); ``bias``: the unit's rows of the bias."""

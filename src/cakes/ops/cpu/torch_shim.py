@@ -119,7 +119,8 @@ def _check() -> str | None:
     if _torch_minor() != TESTED_TORCH:
         log.warning(
             "cakes CPU fast path: tested with torch %d.%d, running %s; checking its private entry points",
-            *TESTED_TORCH, torch.__version__,
+            *TESTED_TORCH,
+            torch.__version__,
         )
     for probe in (_probe_dispatch_checks, _probe_convolution_backward):
         reason = probe()
