@@ -4,6 +4,7 @@ a resumed run continues the same wandb run."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,17 @@ def no_wandb_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def records(run_dir: Path) -> bytes:
-    """The raw records of every offline wandb run in a run directory (metrics, config, artifacts)."""
-    return b"".join(p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+def records(run_dir: Path, expected: tuple[bytes, ...] = (), timeout: float = 60.0) -> bytes:
+    """The raw records of every offline wandb run in a run directory (metrics, config, artifacts).
+
+    wandb's service process writes the file; on a loaded machine its last records can land just
+    after ``wandb.finish()`` returns, so wait (bounded) until every ``expected`` key is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = b"".join(p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        if all(key in data for key in expected) or time.monotonic() > deadline:
+            return data
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -62,10 +71,19 @@ def test_wandb_without_key_logs_offline_and_resumes_the_same_run(no_wandb_key: P
     run_id = (out / "wandb_run_id").read_text().strip()
     (first,) = (out / "wandb").glob("offline-run-*")
     assert first.name.endswith(run_id)
-    data = records(out)
-    for key in (b"train/loss", b"val/top1", b"found/found_gmacs", b"model/params", b"lasso"):  # metrics + hparams
+    # metrics, hyper-parameters, the arch yaml and config artifacts
+    expected = (
+        b"train/loss",
+        b"val/top1",
+        b"found/found_gmacs",
+        b"model/params",
+        b"lasso",
+        b"cakes-arch",
+        b"config-" + run_id.encode(),
+    )
+    data = records(out, expected)
+    for key in expected:
         assert key in data, key
-    assert b"cakes-arch" in data and b"config-" + run_id.encode() in data  # arch yaml + config artifacts
     assert (first / "files" / "config_resolved.yaml").is_file()
     assert list((first / "files" / "media" / "images").glob("found/arch_*.png"))  # the found-arch plot
 
