@@ -63,6 +63,7 @@ from cakes.backbones import C2FNAS, ResNet3d  # noqa: E402
 from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform, fast_path_enabled, set_fast_path  # noqa: E402
 from cakes.profile import profile  # noqa: E402
 from cakes.files import write_atomic  # noqa: E402
+from cakes.figures import save_figure  # noqa: E402
 
 CL = torch.channels_last_3d
 PUBLISHED = [f"ssv1_cakes{s}_{m}" for s in ("12d", "23d", "123d") for m in ("c", "p")]
@@ -341,11 +342,7 @@ def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
             title=f"{title}: {labels[mode]}",
         )
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
