@@ -222,6 +222,10 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _per_seed(seeds: list[int], values: list[float]) -> str:
+    return ", ".join(f"{s}: {v:.3f}" for s, v in zip(seeds, values, strict=True)) or "—"
+
+
 def markdown(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
     """The report table: one row per model; found models' GMACs vary with the seed (mean ± sd)."""
     track = cfg.track
@@ -233,7 +237,7 @@ def markdown(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
         "params",
         f"{track.metric_label} (mean ± sd)",
         "per seed",
-        *[f"{key} (mean ± sd)" for key in also],
+        *[f"{key} (mean ± sd; per seed)" for key in also],
         "supernet val (mean ± sd)",
         "wall s per seed",
     ]
@@ -250,8 +254,8 @@ def markdown(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
             f"{row['mac_ratio']:.3f}" if row["mac_ratio"] is not None else "—",
             f"{statistics.fmean(row['params']):,.0f}" if row["params"] else "—",
             _fmt(row["metric"]),
-            ", ".join(f"{s}: {v:.3f}" for s, v in zip(row["seeds"], row["metric"], strict=True)) or "—",
-            *[_fmt(row["also"].get(key, [])) for key in also],
+            _per_seed(row["seeds"], row["metric"]),
+            *[f"{_fmt(row['also'].get(key, []))}; {_per_seed(row['seeds'], row['also'].get(key, []))}" for key in also],
             _fmt(row["supernet"]) if row["kind"] == "found" else "",
             wall,
         ]
