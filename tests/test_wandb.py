@@ -8,29 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_VIDEO
 
 from cakes.config import compose_config
 from cakes.loggers import wandb_api_key_configured
 from cakes.run import run
 
-TINY = [
-    "data.num_classes=4",
-    "data.train_per_class=4",
-    "data.val_per_class=2",
-    "data.video_frames=8",
-    "data.height=40",
-    "data.width=48",
-    "data.num_frames=4",
-    "data.crop_size=32",
-    "data.test_short_side=40",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1",
-]
+# the shared tiny synthetic set (conftest.TINY_VIDEO), two training batches and one validation batch
+TINY = [*TINY_VIDEO, "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture()

@@ -62,6 +62,7 @@ def network_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, list[in
     """The network of a cakes checkpoint (its stored config, weights loaded strictly; read with
     ``weights_only=True``: no code runs) and its input shape without the batch axis."""
     from cakes.builders import build_network
+    from cakes.checkpoints import load_strict
 
     path = Path(path)
     if not path.is_file():
@@ -74,20 +75,7 @@ def network_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, list[in
         raise ValueError(f"{path}: hyper_parameters.input_shape is missing; cannot tell the export's input shape")
     net = build_network(hparams["net"], pretrained=False)
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} (network: {tuple(v.shape)})"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{path}: weights do not fit the stored network; missing: {missing or 'none'}; "
-            f"unexpected: {unexpected or 'none'}; other shapes: {shapes or 'none'}"
-        )
-    net.load_state_dict(state)
+    load_strict(net, state, str(path))
     return net, [int(s) for s in hparams["input_shape"]]
 
 
