@@ -8,11 +8,16 @@ Two tracks, each architecture paired with its all-3D baseline:
   architecture (``--found``) against all-3D, patches of 64³ and 96³, batch 1.
 
 Every (architecture, shape) pair runs in its own process (fresh oneDNN caches, nothing left over
-from other networks): both networks are built, warmed up (``--warmup`` rounds; the first also
-settles the execution plan of ``CakesConv3d``, see ``cakes.ops.plan``) and then timed INTERLEAVED
-(baseline, arch, baseline, arch, …); medians are reported::
+from other networks): the networks are built, warmed up (``--warmup`` rounds; the first also
+settles the execution plan of every 3D convolution, see ``cakes.ops.plan``) and then timed
+INTERLEAVED (baseline, arch, native baseline, baseline, arch, …); medians are reported::
 
     time ratio = arch ms / baseline ms       MAC ratio = arch MACs / baseline MACs (closed form)
+
+Two baselines: the all-3D network run like every other (its convolutions get the executions the
+plan picks, exactly as the architecture's do: the fair comparison of architectures), and the same
+network NATIVE, i.e. its convolutions run as plain ``F.conv3d`` calls (``plan.using("grouped")``),
+which is what an ``nn.Conv3d`` C3D costs in PyTorch. Both ratios are reported.
 
 A training step is forward + cross-entropy + backward (gradients set to None between steps, no
 optimizer); inference is ``eval()`` under ``no_grad``. ``time ÷ MAC`` is 1.0 when an architecture
@@ -60,12 +65,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cakes.ops.arch import Arch, load_arch  # noqa: E402
 from cakes.backbones import C2FNAS, ResNet3d  # noqa: E402
-from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform, fast_path_enabled, set_fast_path  # noqa: E402
+from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform, fast_path_enabled, plan, set_fast_path  # noqa: E402
 from cakes.profile import profile  # noqa: E402
 from cakes.files import write_atomic  # noqa: E402
 from cakes.figures import save_figure  # noqa: E402
 
 CL = torch.channels_last_3d
+#: suffix of the baseline timed with plain ``F.conv3d`` convolutions (``plan.using("grouped")``)
+NATIVE = " (native)"
 PUBLISHED = [f"ssv1_cakes{s}_{m}" for s in ("12d", "23d", "123d") for m in ("c", "p")]
 
 
@@ -118,7 +125,7 @@ def operator(track: str, name: str, width: float, found: Path | None) -> Operato
 
 
 def build(track: str, name: str, width: float, found: Path | None) -> nn.Module:
-    op = operator(track, name, width, found)
+    op = operator(track, name.removesuffix(NATIVE), width, found)
     if track == "video":
         return ResNet3d(operator=op, depth=50, width=width, num_classes=174)
     return C2FNAS(operator=op, width=width, num_classes=3)
@@ -168,8 +175,11 @@ class Timer:
         return time.perf_counter() - t0
 
 
-def step_fn(net: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], None]:
-    """One training step (forward, cross-entropy, backward; grads reset) or one inference."""
+def step_fn(
+    net: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str, native: bool = False
+) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward; grads reset) or one inference; ``native``:
+    every 3D convolution as a plain ``F.conv3d`` call (the plan pinned to ``grouped``)."""
     params = [p for p in net.parameters() if p.requires_grad]
 
     def train() -> None:
@@ -181,7 +191,15 @@ def step_fn(net: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) ->
         with torch.no_grad():
             net(x)
 
-    return train if mode == "train" else infer
+    step = train if mode == "train" else infer
+    if not native:
+        return step
+
+    def pinned() -> None:
+        with plan.using("grouped"):
+            step()
+
+    return pinned
 
 
 def targets(track: str, net_out_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -209,7 +227,7 @@ def time_interleaved(
         with torch.no_grad():
             out_shape = tuple(nets[names[0]](x[:1]).shape)
         target = targets(track, (shape[0], *out_shape[1:]), device)
-        steps = {name: step_fn(net, x, target, mode) for name, net in nets.items()}
+        steps = {name: step_fn(net, x, target, mode, name.endswith(NATIVE)) for name, net in nets.items()}
         for _ in range(args.warmup):
             for step in steps.values():
                 timer(step)
@@ -219,7 +237,7 @@ def time_interleaved(
                 times[name].append(timer(step))
         result[mode] = times
         if mode == "eval" and args.onnx:
-            result["onnx"] = time_onnx(nets, x, args)
+            result["onnx"] = time_onnx({n: net for n, net in nets.items() if not n.endswith(NATIVE)}, x, args)
     return result
 
 
@@ -263,16 +281,17 @@ class Row:
     shape: str
     arch: str
     mac_ratio: float
-    ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # mode -> (baseline, arch)
+    #: mode -> (baseline, arch, native baseline or nan)
+    ms: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
     def ratio(self, mode: str) -> float:
-        base, arch = self.ms[mode]
+        base, arch, _ = self.ms[mode]
         return arch / base
 
 
 def run_pair(track: str, arch: str, spec: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """Time ``arch`` with its baseline in a child process (``--worker``); returns its timings."""
-    names = [TRACKS[track].baseline, arch]
+    names = [TRACKS[track].baseline, arch, TRACKS[track].baseline + NATIVE]
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -296,14 +315,21 @@ def table(rows: list[Row], modes: list[str]) -> str:
     head = "| shape | arch | MAC ratio |"
     rule = "|---|---|---:|"
     for mode in modes:
-        head += f" {labels[mode]} base ms | {labels[mode]} ms | {labels[mode]} ratio | {labels[mode]} ÷ MAC |"
-        rule += "---:|---:|---:|---:|"
+        label = labels[mode]
+        head += (
+            f" {label} base ms | {label} native base ms | {label} ms | {label} ratio | {label} ÷ MAC |"
+            f" {label} ratio vs native | ÷ MAC vs native |"
+        )
+        rule += "---:|---:|---:|---:|---:|---:|---:|"
     lines = [head, rule]
     for r in rows:
         line = f"| {r.shape} | {r.arch} | {r.mac_ratio:.3f} |"
         for mode in modes:
-            base, arch = r.ms[mode]
-            line += f" {base * 1e3:.0f} | {arch * 1e3:.0f} | {arch / base:.3f} | {arch / base / r.mac_ratio:.2f} |"
+            base, arch, native = r.ms[mode]
+            line += (
+                f" {base * 1e3:.0f} | {native * 1e3:.0f} | {arch * 1e3:.0f} | {arch / base:.3f} |"
+                f" {arch / base / r.mac_ratio:.2f} | {arch / native:.3f} | {arch / native / r.mac_ratio:.2f} |"
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -440,7 +466,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
             pair = times if args.one_process else run_pair(args.track, arch, spec, args)
             raw[f"{spec} {arch}"] = pair
             ratio = macs(args.track, arch, args.width, args.found, shape) / base_macs
-            medians = {m: (statistics.median(pair[m][track.baseline]), statistics.median(pair[m][arch])) for m in modes}
+            native = track.baseline + NATIVE
+            medians = {
+                m: (
+                    statistics.median(pair[m][track.baseline]),
+                    statistics.median(pair[m][arch]),
+                    statistics.median(pair[m][native]) if native in pair[m] else float("nan"),
+                )
+                for m in modes
+            }
             row = Row(args.track, spec, arch, ratio, medians)
             rows.append(row)
             print(table([row], modes).splitlines()[-1], flush=True)

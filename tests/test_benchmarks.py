@@ -100,13 +100,17 @@ def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, tr
         ]
     assert row.arch == net and row.mac_ratio == pytest.approx(macs[1] / macs[0])
     assert 0 < row.mac_ratio < 1 and set(row.ms) == {"train", "eval"}
-    assert all(base > 0 and arch > 0 for base, arch in row.ms.values())
+    assert all(base > 0 and arch > 0 and native > 0 for base, arch, native in row.ms.values())
     saved = json.loads((tmp_path / f"network_{track}.json").read_text())
     times = saved["times"][f"{shape} {net}"]
-    assert all(len(times[m][n]) == 2 for m in ("train", "eval") for n in (network.TRACKS[track].baseline, net))
+    baseline = network.TRACKS[track].baseline
+    timed = (baseline, net, baseline + network.NATIVE)  # the baseline twice: planned and native
+    assert all(len(times[m][n]) == 2 for m in ("train", "eval") for n in timed)
     (line,) = table_rows((tmp_path / f"network_{track}.md").read_text())
     assert line[:3] == [shape, net, f"{row.mac_ratio:.3f}"]
-    assert float(line[5]) == pytest.approx(row.ratio("train"), abs=5e-4)
+    assert float(line[6]) == pytest.approx(row.ratio("train"), abs=5e-4)
+    base, arch, native = row.ms["train"]
+    assert float(line[8]) == pytest.approx(arch / native, abs=5e-4)
     assert (tmp_path / f"network_{track}.png").read_bytes()[:4] == b"\x89PNG"
     assert "load average at start" in capsys.readouterr().out
 

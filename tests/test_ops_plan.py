@@ -15,6 +15,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cakes.ops import OP_SETS, CakesConv3d, SubKernel, plan
+from cakes.ops import frames as frames_module
+from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d
 from test_ops_conv_fastpath import CL, dense_reference, random_counts
 
 
@@ -176,3 +178,73 @@ def test_train_config_sets_the_plan():
 
     assert compose_train_config([]).conv_plan == os.environ.get(plan.ENV_VAR, "benchmark")
     assert compose_train_config(["conv_plan=dense"]).conv_plan == "dense"
+
+
+@pytest.mark.parametrize("frames", [1, 2, 4], ids=lambda t: f"T{t}")
+def test_frames_execution_shift_sums_at_every_clip_length(frames):
+    """Frame-wise execution: 2-D banks over the N·T frames and the shift-sum along time, down to
+    clips shorter than the kernel (every off-centre row falls outside at T = 1)."""
+    plan.configure("frames")
+    torch.manual_seed(frames)
+    op = CakesConv3d(4, {"3x3x3": 3, "3x3x1": 2, "1x3x3": 2, "3x1x1": 2, "1x1x3": 1}, bias=True)
+    x = torch.randn(2, 4, frames, 5, 6)
+    check_contract(op, x)
+    check_contract(op.to(memory_format=CL), x.contiguous(memory_format=CL))
+    assert frames_of(op, x) == {(3, 3): 3 * 3 + 2, (3, 1): 3 * 2, (1, 1): 3 * 2, (1, 3): 1}
+
+
+def frames_of(op: CakesConv3d, x: torch.Tensor) -> dict[tuple[int, int], int]:
+    """Rows of each 2-D bank the frame-wise execution of ``op`` runs."""
+    rows = frames_module.bank_rows(op.subkernels)
+    return {size: sum(op.group_sizes[g] for g, _ in entries) for size, entries in rows.items()}
+
+
+def test_frames_execution_needs_unit_temporal_stride():
+    torch.manual_seed(5)
+    op = CakesConv3d(3, {"3x3x3": 2, "1x3x3": 3}, stride=(2, 1, 1))
+    x = torch.randn(1, 3, 6, 5, 5)
+    weights = [op.weights[s.name] for s in op.subkernels]
+    with pytest.raises(ValueError, match=r"frame-wise execution needs stride 1 along the first axis, got stride \(2"):
+        frames_module.frame_conv3d(x, weights, op.subkernels, op.stride, None)
+    assert "frames" not in plan.candidate_executions(x, op.subkernels, op.stride, 3)
+    assert "frames" in plan.candidate_executions(x, op.subkernels, (1, 2, 2), 3)
+    plan.configure("frames")  # a forced frame-wise plan runs such a layer fused
+    assert plan.choose(x, weights, op.subkernels, op.stride, None, 3) == "fused"
+    check_contract(op, x)
+
+
+@pytest.mark.parametrize("execution", plan.EXECUTIONS)
+@pytest.mark.parametrize("kind", sorted(HOMOGENEOUS_OPS))
+def test_homogeneous_convs_run_the_plan_and_keep_their_values(kind, execution):
+    """Baselines (C3D, C2D, P3D, ...) get the same executions as CAKES layers; depthwise steps stay
+    plain grouped convolutions."""
+    torch.manual_seed(6)
+    op = HomogeneousConv3d(4, 6, kind, stride=(1, 2, 2)).to(memory_format=CL)
+    x = torch.randn(2, 4, 3, 7, 7).contiguous(memory_format=CL).requires_grad_(True)
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        for step in op:
+            x = torch.nn.functional.conv3d(x, step.weight, None, step.stride, step.subkernel.padding, 1, step.groups)
+        return x
+
+    plan.configure(execution)
+    y, ref = op(x), plain(x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(y)
+    inputs = [x, *op.parameters()]
+    for got, want in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(ref, inputs, gy), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    plan.configure("benchmark")
+    op(x)
+    dense_steps = sum(step.groups == 1 for step in op)
+    assert len(plan.choices()) == dense_steps  # each dense step measured and cached once
+
+
+def test_using_runs_a_block_under_another_mode_and_restores_it():
+    plan.configure("dense")
+    with plan.using("grouped"):
+        assert plan.mode() == "grouped" and os.environ[plan.ENV_VAR] == "grouped"
+    assert plan.mode() == "dense" and os.environ[plan.ENV_VAR] == "dense"
+    with pytest.raises(RuntimeError), plan.using("frames"):
+        raise RuntimeError
+    assert plan.mode() == "dense"

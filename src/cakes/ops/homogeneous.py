@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cakes.ops import plan
 from cakes.ops.inflate import inflate_2d
 from cakes.ops.reference import subkernel_conv
 from cakes.ops.subkernel import Stride, SubKernel, as_triple
@@ -68,6 +69,13 @@ class SubKernelConv3d(nn.Module):
             nn.init.uniform_(self.bias, -1 / self.weight[0].numel() ** 0.5, 1 / self.weight[0].numel() ** 0.5)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(N, in, T, H, W) -> (N, out, T', H', W')``. A dense (``groups=1``) conv is a one-group
+        heterogeneous conv and runs the execution :mod:`cakes.ops.plan` picks for it, exactly as
+        :class:`~cakes.ops.conv.CakesConv3d` layers do: baselines and CAKES networks get the same choices."""
+        if self.groups == 1:
+            weights, subs = [self.weight], [self.subkernel]
+            execution = plan.choose(x, weights, subs, self.stride, self.bias, self.subkernel.k)
+            return plan.EXECUTE[execution](x, weights, subs, self.stride, self.bias, self.subkernel.k)
         out = subkernel_conv(x, self.weight, self.subkernel, self.stride, self.groups)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
 

@@ -8,7 +8,10 @@ A heterogeneous convolution can run in several ways that compute the same functi
   switch off — :mod:`cakes.ops.cpu.switch` — per-group + concat);
 * ``grouped`` — the plain per-group form: ``F.conv3d`` per group, ``torch.cat``, bias;
 * ``dense`` — ONE ``kxkxk`` convolution with the sub-kernels zero-padded
-  (:func:`~cakes.ops.reference.dense_weight`): exactly the cost of the all-3D (C3D) layer.
+  (:func:`~cakes.ops.reference.dense_weight`): exactly the cost of the all-3D (C3D) layer;
+* ``frames`` — :func:`~cakes.ops.frames.frame_conv3d`: the groups' 2-D slices as one 2-D
+  convolution per slice size over the ``N·T`` frames, then a shift-sum along the first axis (the
+  groups' exact MACs; only with stride 1 along that axis — elsewhere a forced ``frames`` runs ``fused``).
 
 Which is fastest depends on the layer (widths, mix of sub-kernels), the input shape and layout,
 the device and whether gradients are needed: grouped convolutions save MACs but oneDNN/cuDNN run
@@ -25,7 +28,7 @@ Settings (:func:`configure`, or the ``CAKES_CONV_PLAN`` environment variable rea
 ``conv_plan=…`` in the train/search configs sets both):
 
 * ``benchmark`` — measure once per key, cache (default);
-* ``fused`` | ``grouped`` | ``dense`` — always that execution (``fused`` = no plan: the
+* ``fused`` | ``grouped`` | ``dense`` | ``frames`` — always that execution (``fused`` = no plan: the
   behaviour before plans existed);
 * ``deterministic=True`` (``CAKES_CONV_PLAN=deterministic``; also implied by
   ``torch.use_deterministic_algorithms(True)``) — no timing: the choice is the fixed
@@ -40,18 +43,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from cakes.ops.cpu import torch_shim
+from cakes.ops import frames
 from cakes.ops.cpu.function import cakes_conv3d
 from cakes.ops.reference import dense_weight, grouped_conv3d
 from cakes.ops.subkernel import SubKernel
 
-EXECUTIONS = ("fused", "grouped", "dense")
+EXECUTIONS = ("fused", "grouped", "dense", "frames")
 MODES = ("benchmark", "deterministic", *EXECUTIONS)
 ENV_VAR = "CAKES_CONV_PLAN"
 #: timed runs per candidate after one warm-up run; the fastest run counts (noise only adds time)
@@ -75,8 +80,12 @@ def _dense(x, weights, subs, stride, bias, kernel_size):
     return F.conv3d(x, dense_weight(weights, subs, kernel_size), bias, stride, kernel_size // 2)
 
 
+def _frames(x, weights, subs, stride, bias, kernel_size):
+    return frames.frame_conv3d(x, weights, subs, stride, bias)
+
+
 #: execution name -> ``fn(x, weights, subs, stride, bias, kernel_size) -> y``, all the same function
-EXECUTE: dict[str, Execute] = {"fused": _fused, "grouped": _grouped, "dense": _dense}
+EXECUTE: dict[str, Execute] = {"fused": _fused, "grouped": _grouped, "dense": _dense, "frames": _frames}
 
 
 def _parse_mode(value: str, where: str) -> str:
@@ -98,6 +107,22 @@ def configure(mode: str) -> None:
     Cached choices stay valid (they depend only on their key)."""
     _State.mode = _parse_mode(mode, "conv plan")
     os.environ[ENV_VAR] = _State.mode  # worker processes (DDP, data loaders) follow
+
+
+@contextmanager
+def using(mode: str) -> Iterator[None]:
+    """``with plan.using("grouped"):`` — run a block under another plan mode (e.g. time a network
+    with plain per-group ``F.conv3d`` calls, as ``nn.Conv3d`` layers would run), then restore."""
+    previous, env = _State.mode, os.environ.get(ENV_VAR)
+    configure(mode)
+    try:
+        yield
+    finally:
+        _State.mode = previous
+        if env is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = env
 
 
 def mode() -> str:
@@ -172,7 +197,7 @@ def choose(
         return "fused"
     current = _State.mode
     if current in EXECUTIONS:
-        return current
+        return current if current != "frames" or frames.supports(subs, stride) else "fused"
     if current == "deterministic" or torch.are_deterministic_algorithms_enabled():
         return rule(subs, weights, kernel_size)
     key = plan_key(x, weights, subs, stride, bias)
@@ -182,6 +207,19 @@ def choose(
         _State.timings[key] = times
         found = _State.cache[key] = min(times, key=times.__getitem__)
     return found
+
+
+def candidate_executions(
+    x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int], kernel_size: int
+) -> list[str]:
+    """The executions ``benchmark`` mode times for this layer: off CPU ``fused`` is ``grouped``; a single
+    full-kernel group is its own ``dense``; ``frames`` needs unit stride along the first axis."""
+    candidates = ["fused", "grouped", "dense"] if x.device.type == "cpu" else ["grouped", "dense"]
+    if len(subs) == 1 and subs[0].size == (kernel_size,) * 3:
+        candidates.remove("dense")
+    if frames.supports(subs, stride):
+        candidates.append("frames")
+    return candidates
 
 
 def _measure(
@@ -197,7 +235,7 @@ def _measure(
     is touched); CUDA is synchronised around each run (once per key, never in later calls)."""
     train = _needs_grad(x, weights, bias)
     inputs = [t for t in (x, bias, *weights) if t is not None and t.requires_grad] if train else []
-    candidates = list(EXECUTIONS) if x.device.type == "cpu" else ["grouped", "dense"]  # fused == grouped off CPU
+    candidates = candidate_executions(x, subs, stride, kernel_size)
     gy = None
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
