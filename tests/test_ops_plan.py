@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cakes.ops import OP_SETS, CakesConv3d, SubKernel, plan
 from cakes.ops import frames as frames_module
+from cakes.ops import time_split
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d
 from test_ops_conv_fastpath import CL, dense_reference, random_counts
 
@@ -61,7 +62,7 @@ def test_every_execution_keeps_the_contract(execution, op_set, stride, channels_
     op = CakesConv3d(
         5, random_counts(OP_SETS[op_set].names, rng.randint(7, 13), rng), stride=stride, bias=rng.random() < 0.5
     )
-    x = torch.randn(2, 5, 5, 7, 6)
+    x = torch.randn(2, 5, 6, 7, 6)  # even length: every execution runs as itself
     if channels_last:
         x, op = x.contiguous(memory_format=CL), op.to(memory_format=CL)
     plan.configure(execution)
@@ -76,7 +77,7 @@ def test_every_execution_kernel5_float64_and_gradcheck(execution):
     op5 = CakesConv3d(3, {"5x5x5": 2, "5x1x1": 3, "1x5x5": 2}, kernel_size=5, bias=True)
     check_contract(op5, torch.randn(2, 3, 4, 6, 6))
     op = CakesConv3d(2, {"3x3x3": 1, "1x3x3": 2, "3x1x1": 1}, stride=(1, 2, 2), bias=True).double()
-    x = torch.randn(1, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 2, 4, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *p: op(x), (x, *op.parameters()), eps=1e-6, atol=1e-7)
 
 
@@ -109,7 +110,7 @@ def test_benchmark_mode_measures_once_per_key_and_keeps_the_fastest(monkeypatch)
 def test_real_measurement_times_every_candidate_without_touching_grads():
     torch.manual_seed(3)
     op = CakesConv3d(8, {"3x3x3": 5, "1x3x3": 6, "3x1x1": 5}, bias=True).to(memory_format=CL)
-    x = torch.randn(2, 8, 4, 6, 6).contiguous(memory_format=CL).requires_grad_(True)
+    x = torch.randn(1, 8, 4, 6, 6).contiguous(memory_format=CL).requires_grad_(True)  # batch 1: split is a candidate
     y = op(x)
     assert all(p.grad is None for p in op.parameters()) and x.grad is None
     ((key, times),) = plan.timings().items()
@@ -197,6 +198,36 @@ def frames_of(op: CakesConv3d, x: torch.Tensor) -> dict[tuple[int, int], int]:
     """Rows of each 2-D bank the frame-wise execution of ``op`` runs."""
     rows = frames_module.bank_rows(op.subkernels)
     return {size: sum(op.group_sizes[g] for g, _ in entries) for size, entries in rows.items()}
+
+
+@pytest.mark.parametrize("frames", [2, 4, 8], ids=lambda t: f"T{t}")
+def test_split_execution_runs_the_halves_with_their_halo(frames):
+    """Time-split execution: both halves of the clip as a batch, each full-temporal group reading its
+    halo frames, at every even length (T = 2: one frame per half, all of it halo-dependent)."""
+    plan.configure("split")
+    torch.manual_seed(frames)
+    op = CakesConv3d(4, {"3x3x3": 3, "3x3x1": 2, "1x3x3": 2, "3x1x1": 2}, stride=(1, 2, 1), bias=True)
+    x = torch.randn(1, 4, frames, 5, 6)
+    check_contract(op, x)
+    check_contract(op.to(memory_format=CL), x.contiguous(memory_format=CL))
+    assert plan.choose(x, list(op.weights.values()), op.subkernels, op.stride, op.bias, 3) == "split"
+
+
+def test_split_execution_needs_an_even_length_and_unit_temporal_stride():
+    torch.manual_seed(7)
+    op = CakesConv3d(3, {"3x3x3": 2, "1x3x3": 3})
+    odd = torch.randn(1, 3, 5, 4, 4)
+    weights = [op.weights[s.name] for s in op.subkernels]
+    with pytest.raises(
+        ValueError, match=r"time-split execution needs stride 1 and an even length .* \(1, 3, 5, 4, 4\)"
+    ):
+        time_split.time_split_conv3d(odd, weights, op.subkernels, op.stride, None)
+    assert "split" not in plan.candidate_executions(odd, op.subkernels, op.stride, 3)
+    assert "split" not in plan.candidate_executions(torch.randn(2, 3, 4, 4, 4), op.subkernels, op.stride, 3)
+    assert "split" in plan.candidate_executions(torch.randn(1, 3, 4, 4, 4), op.subkernels, op.stride, 3)
+    plan.configure("split")
+    assert plan.choose(odd, weights, op.subkernels, op.stride, None, 3) == "fused"
+    check_contract(op, odd)
 
 
 def test_frames_execution_needs_unit_temporal_stride():

@@ -11,7 +11,11 @@ A heterogeneous convolution can run in several ways that compute the same functi
   (:func:`~cakes.ops.reference.dense_weight`): exactly the cost of the all-3D (C3D) layer;
 * ``frames`` — :func:`~cakes.ops.frames.frame_conv3d`: the groups' 2-D slices as one 2-D
   convolution per slice size over the ``N·T`` frames, then a shift-sum along the first axis (the
-  groups' exact MACs; only with stride 1 along that axis — elsewhere a forced ``frames`` runs ``fused``).
+  groups' exact MACs; only with stride 1 along that axis — elsewhere a forced ``frames`` runs ``fused``);
+* ``split`` — :func:`~cakes.ops.time_split.time_split_conv3d`: a batch-1 clip as a batch of its two
+  halves along the first axis (halo frames included), per-group ``F.conv3d``: the groups' exact MACs
+  on oneDNN's path, which PyTorch does not take for small batch-1 CPU inputs (benchmarked on CPU at
+  batch 1 only; even length and stride 1 along that axis — elsewhere a forced ``split`` runs ``fused``).
 
 Which is fastest depends on the layer (widths, mix of sub-kernels), the input shape and layout,
 the device and whether gradients are needed: grouped convolutions save MACs but oneDNN/cuDNN run
@@ -51,12 +55,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from cakes.ops.cpu import torch_shim
-from cakes.ops import frames
+from cakes.ops import frames, time_split
 from cakes.ops.cpu.function import cakes_conv3d
 from cakes.ops.reference import dense_weight, grouped_conv3d
 from cakes.ops.subkernel import SubKernel
 
-EXECUTIONS = ("fused", "grouped", "dense", "frames")
+EXECUTIONS = ("fused", "grouped", "dense", "frames", "split")
 MODES = ("benchmark", "deterministic", *EXECUTIONS)
 ENV_VAR = "CAKES_CONV_PLAN"
 #: timed runs per candidate after one warm-up run; the fastest run counts (noise only adds time)
@@ -84,8 +88,18 @@ def _frames(x, weights, subs, stride, bias, kernel_size):
     return frames.frame_conv3d(x, weights, subs, stride, bias)
 
 
+def _split(x, weights, subs, stride, bias, kernel_size):
+    return time_split.time_split_conv3d(x, weights, subs, stride, bias)
+
+
 #: execution name -> ``fn(x, weights, subs, stride, bias, kernel_size) -> y``, all the same function
-EXECUTE: dict[str, Execute] = {"fused": _fused, "grouped": _grouped, "dense": _dense, "frames": _frames}
+EXECUTE: dict[str, Execute] = {
+    "fused": _fused,
+    "grouped": _grouped,
+    "dense": _dense,
+    "frames": _frames,
+    "split": _split,
+}
 
 
 def _parse_mode(value: str, where: str) -> str:
@@ -197,7 +211,8 @@ def choose(
         return "fused"
     current = _State.mode
     if current in EXECUTIONS:
-        return current if current != "frames" or frames.supports(subs, stride) else "fused"
+        runnable = {"frames": frames.supports(subs, stride), "split": time_split.supports(x, stride)}
+        return current if runnable.get(current, True) else "fused"
     if current == "deterministic" or torch.are_deterministic_algorithms_enabled():
         return rule(subs, weights, kernel_size)
     key = plan_key(x, weights, subs, stride, bias)
@@ -213,12 +228,16 @@ def candidate_executions(
     x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int], kernel_size: int
 ) -> list[str]:
     """The executions ``benchmark`` mode times for this layer: off CPU ``fused`` is ``grouped``; a single
-    full-kernel group is its own ``dense``; ``frames`` needs unit stride along the first axis."""
-    candidates = ["fused", "grouped", "dense"] if x.device.type == "cpu" else ["grouped", "dense"]
+    full-kernel group is its own ``dense``; ``frames`` needs unit stride along the first axis; ``split``
+    is for batch-1 CPU inputs of even length (what PyTorch's CPU heuristic sends off oneDNN)."""
+    cpu = x.device.type == "cpu"
+    candidates = ["fused", "grouped", "dense"] if cpu else ["grouped", "dense"]
     if len(subs) == 1 and subs[0].size == (kernel_size,) * 3:
         candidates.remove("dense")
     if frames.supports(subs, stride):
         candidates.append("frames")
+    if cpu and x.shape[0] == 1 and time_split.supports(x, stride):
+        candidates.append("split")
     return candidates
 
 
