@@ -19,6 +19,19 @@ plan picks, exactly as the architecture's do: the fair comparison of architectur
 network NATIVE, i.e. its convolutions run as plain ``F.conv3d`` calls (``plan.using("grouped")``),
 which is what an ``nn.Conv3d`` C3D costs in PyTorch. Both ratios are reported.
 
+What the slot convolutions can change at all: the worker also times the baseline with every slot
+convolution replaced by a zero-MAC strided view (norms, 1x1x1 convolutions, stem, head and the
+backward of all of them kept), ``T_rest``. With ``T_base`` and the closed-form MACs ``M`` of the
+slot convolutions alone (network MACs minus those of the slot-free network)::
+
+    slot ÷ MAC  = ((T_arch - T_rest) / (T_base - T_rest)) / (M_arch / M_base)
+    bound ÷ MAC = (T_rest + (T_base - T_rest) · M_arch / M_base) / T_base / MAC ratio
+
+``slot ÷ MAC`` is how the architecture's convolutions run per MAC against the baseline's (1.0: as
+efficiently); ``bound ÷ MAC`` is the whole-network time ÷ MAC an architecture would reach if its
+convolutions ran exactly as efficiently per MAC as the baseline's — above 1 whenever the rest of the
+network takes a larger share of the time than of the MACs.
+
 A training step is forward + cross-entropy + backward (gradients set to None between steps, no
 optimizer); inference is ``eval()`` under ``no_grad``. ``time ÷ MAC`` is 1.0 when an architecture
 turns its MAC savings fully into time savings. ``--one-process`` instead builds every network of
@@ -66,6 +79,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from cakes.ops.arch import Arch, load_arch  # noqa: E402
 from cakes.backbones import C2FNAS, ResNet3d  # noqa: E402
 from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform, fast_path_enabled, plan, set_fast_path  # noqa: E402
+from cakes.ops.factory import ConvNorm  # noqa: E402
+from cakes.ops.subkernel import as_triple  # noqa: E402
 from cakes.profile import profile  # noqa: E402
 from cakes.files import write_atomic  # noqa: E402
 from cakes.figures import save_figure  # noqa: E402
@@ -73,6 +88,37 @@ from cakes.figures import save_figure  # noqa: E402
 CL = torch.channels_last_3d
 #: suffix of the baseline timed with plain ``F.conv3d`` convolutions (``plan.using("grouped")``)
 NATIVE = " (native)"
+#: suffix of the baseline with every slot convolution replaced by a zero-MAC strided view
+SLOT_FREE = " (no slot convs)"
+
+
+class StridedView(nn.Module):
+    """Zero-MAC stand-in for a slot convolution (``in_channels == out_channels``): the input, subsampled
+    by the stride. ``(N, C, T, H, W) -> (N, C, T', H', W')``."""
+
+    def __init__(self, channels: int, stride: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.out_channels, self.stride = channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == (1, 1, 1):
+            return x
+        st, sh, sw = self.stride
+        layout = CL if x.is_contiguous(memory_format=CL) else torch.contiguous_format
+        return x[:, :, ::st, ::sh, ::sw].contiguous(memory_format=layout)
+
+
+class SlotFree(OperatorFactory):
+    """Every slot: :class:`StridedView` then the slot's norm (what a network costs without slot convs)."""
+
+    def __call__(self, *, layer: str, in_channels: int, out_channels: int, norm, stride=1) -> nn.Module:
+        if in_channels != out_channels:
+            raise ValueError(
+                f"slot {layer}: a strided view needs in == out channels, got {in_channels} -> {out_channels}"
+            )
+        return ConvNorm(StridedView(out_channels, as_triple(stride)), norm(out_channels))
+
+
 PUBLISHED = [f"ssv1_cakes{s}_{m}" for s in ("12d", "23d", "123d") for m in ("c", "p")]
 
 
@@ -125,7 +171,7 @@ def operator(track: str, name: str, width: float, found: Path | None) -> Operato
 
 
 def build(track: str, name: str, width: float, found: Path | None) -> nn.Module:
-    op = operator(track, name.removesuffix(NATIVE), width, found)
+    op = SlotFree() if name.endswith(SLOT_FREE) else operator(track, name.removesuffix(NATIVE), width, found)
     if track == "video":
         return ResNet3d(operator=op, depth=50, width=width, num_classes=174)
     return C2FNAS(operator=op, width=width, num_classes=3)
@@ -209,18 +255,16 @@ def targets(track: str, net_out_shape: tuple[int, ...], device: torch.device) ->
     return torch.randint(0, net_out_shape[1], (net_out_shape[0], *net_out_shape[2:]), generator=gen).to(device)
 
 
-def time_interleaved(
-    track: str, names: list[str], shape: tuple[int, ...], args: argparse.Namespace
-) -> dict[str, dict[str, list[float]]]:
-    """``{mode: {network: [seconds per rep]}}``, every network of ``names`` built here and timed
-    round-robin after ``args.warmup`` untimed rounds."""
+def time_interleaved(track: str, names: list[str], shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
+    """``{mode: {network: [seconds per rep]}, "plan": plan_record()}``, every network of ``names`` built
+    here and timed round-robin after ``args.warmup`` untimed rounds."""
     device = torch.device(args.device)
     fmt = CL if args.layout == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
     nets = {name: build(track, name, args.width, args.found).to(device, memory_format=fmt) for name in names}
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device).contiguous(memory_format=fmt)
     timer = Timer(device)
-    result: dict[str, dict[str, list[float]]] = {}
+    result: dict[str, Any] = {}
     for mode in args.modes:
         for net in nets.values():
             net.train(mode == "train")
@@ -238,7 +282,27 @@ def time_interleaved(
         result[mode] = times
         if mode == "eval" and args.onnx:
             result["onnx"] = time_onnx({n: net for n, net in nets.items() if not n.endswith(NATIVE)}, x, args)
+    result["plan"] = plan_record()
     return result
+
+
+def plan_record() -> dict[str, list]:
+    """The execution plan this process settled on: per layer key (input shape, groups, gradients),
+    the execution chosen and the best ms of every candidate measured."""
+    timings = plan.timings()
+    return {
+        "layers": [
+            [
+                list(key[2]),
+                [list(g) for g in key[6]],
+                key[4],
+                choice,
+                {e: round(t * 1e3, 2) for e, t in timings[key].items()},
+            ]
+            for key, choice in plan.choices().items()
+            if key in timings
+        ]
+    }
 
 
 def time_onnx(nets: Mapping[str, nn.Module], x: torch.Tensor, args: argparse.Namespace) -> dict[str, list[float]]:
@@ -281,17 +345,30 @@ class Row:
     shape: str
     arch: str
     mac_ratio: float
-    #: mode -> (baseline, arch, native baseline or nan)
-    ms: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    #: MACs of the slot convolutions alone, arch / baseline (nan when not measured)
+    slot_mac_ratio: float = float("nan")
+    #: mode -> seconds (baseline, arch, native baseline, baseline without slot convs); nan: not timed
+    ms: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
     def ratio(self, mode: str) -> float:
-        base, arch, _ = self.ms[mode]
+        base, arch, _, _ = self.ms[mode]
         return arch / base
 
+    def slot_per_mac(self, mode: str) -> float:
+        """Slot convolutions' time ratio ÷ their MAC ratio (module docstring)."""
+        base, arch, _, rest = self.ms[mode]
+        return (arch - rest) / (base - rest) / self.slot_mac_ratio
 
-def run_pair(track: str, arch: str, spec: str, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    def bound_per_mac(self, mode: str) -> float:
+        """Whole-network time ÷ MAC with slot convolutions exactly as efficient as the baseline's."""
+        base, _, _, rest = self.ms[mode]
+        return (rest + (base - rest) * self.slot_mac_ratio) / base / self.mac_ratio
+
+
+def run_pair(track: str, arch: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time ``arch`` with its baseline in a child process (``--worker``); returns its timings."""
-    names = [TRACKS[track].baseline, arch, TRACKS[track].baseline + NATIVE]
+    base = TRACKS[track].baseline
+    names = [base, arch, base + NATIVE, base + SLOT_FREE]
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -303,6 +380,11 @@ def run_pair(track: str, arch: str, spec: str, args: argparse.Namespace) -> dict
     if done.returncode:
         raise RuntimeError(f"benchmark worker for {arch} at {spec} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_or_nan(times: Mapping[str, list[float]], name: str) -> float:
+    """Median seconds of ``name``, ``nan`` when it was not timed (one-process runs, onnxruntime)."""
+    return statistics.median(times[name]) if name in times else float("nan")
 
 
 def load_text() -> str:
@@ -317,25 +399,28 @@ def table(rows: list[Row], modes: list[str]) -> str:
     for mode in modes:
         label = labels[mode]
         head += (
-            f" {label} base ms | {label} native base ms | {label} ms | {label} ratio | {label} ÷ MAC |"
-            f" {label} ratio vs native | ÷ MAC vs native |"
+            f" {label} base ms | {label} native base ms | {label} rest ms | {label} ms | {label} ratio |"
+            f" {label} ÷ MAC | {label} ratio vs native | ÷ MAC vs native | slot ÷ MAC | bound ÷ MAC |"
         )
-        rule += "---:|---:|---:|---:|---:|---:|---:|"
+        rule += "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     lines = [head, rule]
     for r in rows:
         line = f"| {r.shape} | {r.arch} | {r.mac_ratio:.3f} |"
         for mode in modes:
-            base, arch, native = r.ms[mode]
+            base, arch, native, rest = r.ms[mode]
             line += (
-                f" {base * 1e3:.0f} | {native * 1e3:.0f} | {arch * 1e3:.0f} | {arch / base:.3f} |"
+                f" {base * 1e3:.0f} | {native * 1e3:.0f} | {rest * 1e3:.0f} | {arch * 1e3:.0f} | {arch / base:.3f} |"
                 f" {arch / base / r.mac_ratio:.2f} | {arch / native:.3f} | {arch / native / r.mac_ratio:.2f} |"
+                f" {r.slot_per_mac(mode):.2f} | {r.bound_per_mac(mode):.2f} |"
             )
         lines.append(line)
     return "\n".join(lines)
 
 
 def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
-    """Time ratio against MAC ratio, one panel per mode, one point per architecture and shape."""
+    """Time ratio against MAC ratio, one panel per mode, one point per architecture and shape (filled:
+    against the baseline run like the architecture; hollow: against the native baseline; ``x``: the
+    bound with slot convolutions as efficient per MAC as the baseline's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +435,17 @@ def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
         ax.plot([0, top], [0, top], "k--", lw=1, label="time = MACs")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="baseline time")
         for r in rows:
-            ax.scatter(r.mac_ratio, r.ratio(mode), marker=markers[r.shape], s=36)
+            base, arch, native, _ = r.ms[mode]
+            dot = ax.scatter(r.mac_ratio, r.ratio(mode), marker=markers[r.shape], s=36)
+            ax.scatter(
+                r.mac_ratio,
+                arch / native,
+                marker=markers[r.shape],
+                s=36,
+                facecolors="none",
+                edgecolors=dot.get_facecolor(),
+            )
+            ax.scatter(r.mac_ratio, r.bound_per_mac(mode) * r.mac_ratio, marker="x", s=24, color=dot.get_facecolor())
             ax.annotate(
                 r.arch.replace("ssv1_cakes", ""),
                 (r.mac_ratio, r.ratio(mode)),
@@ -359,7 +454,9 @@ def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
                 textcoords="offset points",
             )
         for s in shapes:
-            ax.scatter([], [], marker=markers[s], color="grey", label=s)
+            ax.scatter([], [], marker=markers[s], color="grey", label=f"{s} vs baseline")
+            ax.scatter([], [], marker=markers[s], facecolors="none", edgecolors="grey", label=f"{s} vs native baseline")
+        ax.scatter([], [], marker="x", color="grey", label="bound: slot convs as efficient as the baseline's")
         ax.set(
             xlim=(0, top),
             ylim=(0, top),
@@ -460,22 +557,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for spec in specs:
         shape = parse_shape(args.track, spec)
         base_macs = macs(args.track, track.baseline, args.width, args.found, shape)
+        rest_macs = macs(args.track, track.baseline + SLOT_FREE, args.width, args.found, shape)
         if args.one_process:
             times = time_interleaved(args.track, [track.baseline, *archs], shape, args)
         for arch in archs:
             pair = times if args.one_process else run_pair(args.track, arch, spec, args)
             raw[f"{spec} {arch}"] = pair
-            ratio = macs(args.track, arch, args.width, args.found, shape) / base_macs
-            native = track.baseline + NATIVE
-            medians = {
-                m: (
-                    statistics.median(pair[m][track.baseline]),
-                    statistics.median(pair[m][arch]),
-                    statistics.median(pair[m][native]) if native in pair[m] else float("nan"),
-                )
-                for m in modes
-            }
-            row = Row(args.track, spec, arch, ratio, medians)
+            arch_macs = macs(args.track, arch, args.width, args.found, shape)
+            ratio = arch_macs / base_macs
+            slot_ratio = (arch_macs - rest_macs) / (base_macs - rest_macs)
+
+            timed = (track.baseline, arch, track.baseline + NATIVE, track.baseline + SLOT_FREE)
+            medians = {m: tuple(median_or_nan(pair[m], n) for n in timed) for m in modes}
+            row = Row(args.track, spec, arch, ratio, slot_ratio, medians)
             rows.append(row)
             print(table([row], modes).splitlines()[-1], flush=True)
     settings = (

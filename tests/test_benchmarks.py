@@ -100,17 +100,25 @@ def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, tr
         ]
     assert row.arch == net and row.mac_ratio == pytest.approx(macs[1] / macs[0])
     assert 0 < row.mac_ratio < 1 and set(row.ms) == {"train", "eval"}
-    assert all(base > 0 and arch > 0 and native > 0 for base, arch, native in row.ms.values())
+    assert all(min(times) > 0 for times in row.ms.values())
+    with torch.device("meta"):  # the slot-free baseline has the baseline's MACs minus its slot convolutions
+        rest = profile(
+            network.build(track, "x" + network.SLOT_FREE, width, None), network.parse_shape(track, shape)
+        ).macs
+    assert 0 < rest < macs[1] and row.slot_mac_ratio == pytest.approx((macs[1] - rest) / (macs[0] - rest))
     saved = json.loads((tmp_path / f"network_{track}.json").read_text())
     times = saved["times"][f"{shape} {net}"]
     baseline = network.TRACKS[track].baseline
-    timed = (baseline, net, baseline + network.NATIVE)  # the baseline twice: planned and native
+    timed = (baseline, net, baseline + network.NATIVE, baseline + network.SLOT_FREE)
     assert all(len(times[m][n]) == 2 for m in ("train", "eval") for n in timed)
     (line,) = table_rows((tmp_path / f"network_{track}.md").read_text())
     assert line[:3] == [shape, net, f"{row.mac_ratio:.3f}"]
-    assert float(line[6]) == pytest.approx(row.ratio("train"), abs=5e-4)
-    base, arch, native = row.ms["train"]
-    assert float(line[8]) == pytest.approx(arch / native, abs=5e-4)
+    assert float(line[7]) == pytest.approx(row.ratio("train"), abs=5e-4)
+    base, arch, native, rest = row.ms["train"]
+    assert float(line[9]) == pytest.approx(arch / native, abs=5e-4)
+    slot = (arch - rest) / (base - rest) / row.slot_mac_ratio
+    bound = (rest + (base - rest) * row.slot_mac_ratio) / base / row.mac_ratio
+    assert float(line[11]) == pytest.approx(slot, abs=5e-3) and float(line[12]) == pytest.approx(bound, abs=5e-3)
     assert (tmp_path / f"network_{track}.png").read_bytes()[:4] == b"\x89PNG"
     assert "load average at start" in capsys.readouterr().out
 

@@ -43,6 +43,11 @@ def bank_rows(subs: Sequence[SubKernel]) -> dict[tuple[int, int], list[tuple[int
     return banks
 
 
+#: where one group's output comes from: ``(group start, group stop, [(bank, bank row start, shift), ...])``
+#: with ``out[:, i, ..., start:stop] = sum(bank[:, i + shift, ..., row:row + stop - start])`` (zero outside)
+Layout = list[tuple[int, int, list[tuple[int, int, int]]]]
+
+
 def frame_conv3d(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -59,32 +64,65 @@ def frame_conv3d(
         raise ValueError(f"frame-wise execution needs stride 1 along the first axis, got stride {stride}")
     n, c_in, depth, height, width = x.shape
     frames = x.transpose(1, 2).reshape(n * depth, c_in, height, width)  # a view for channels-last inputs
-    rows_of: dict[tuple[int, int], Tensor] = {}  # (group, offset) -> (N, T, H', W', n_group) view
+    banks: list[Tensor] = []
+    sources: dict[int, list[tuple[int, int, int]]] = {}  # group -> its (bank, row start, shift)
     for (kh, kw), rows in bank_rows(subs).items():
-        bank = torch.cat([weights[g][:, :, j] for g, j in rows]) if len(rows) > 1 else weights[rows[0][0]][:, :, 0]
-        y = F.conv2d(frames, bank, stride=stride[1:], padding=(kh // 2, kw // 2))  # (N·T, rows·n, H', W')
-        y = y.view(n, depth, *y.shape[1:]).permute(0, 1, 3, 4, 2)  # (N, T, H', W', bank channels)
+        weight = torch.cat([weights[g][:, :, j] for g, j in rows]) if len(rows) > 1 else weights[rows[0][0]][:, :, 0]
+        y = F.conv2d(frames, weight, stride=stride[1:], padding=(kh // 2, kw // 2))  # (N·T, rows, H', W')
+        banks.append(y.view(n, depth, *y.shape[1:]).permute(0, 1, 3, 4, 2))  # (N, T, H', W', rows)
         start = 0
         for g, j in rows:
-            rows_of[g, j] = y[..., start : start + weights[g].shape[0]]
+            sources.setdefault(g, []).append((len(banks) - 1, start, j - subs[g].size[0] // 2))
             start += weights[g].shape[0]
-
-    first = rows_of[0, 0]
-    out = first.new_empty((n, depth, *first.shape[2:4], sum(w.shape[0] for w in weights)))
+    layout: Layout = []
     start = 0
-    for g, sub in enumerate(subs):
-        pad, stop = sub.size[0] // 2, start + weights[g].shape[0]
-        target = out[..., start:stop]
-        target.copy_(rows_of[g, pad])
-        for j in range(sub.size[0]):
-            shift = j - pad  # out[:, i] += rows[j][:, i + shift]
-            if j == pad or abs(shift) >= depth:
-                continue
-            if shift > 0:
-                target[:, :-shift] += rows_of[g, j][:, shift:]
-            else:
-                target[:, -shift:] += rows_of[g, j][:, :shift]
-        start = stop
+    for g, weight in enumerate(weights):
+        layout.append((start, start + weight.shape[0], sorted(sources[g], key=lambda s: abs(s[2]))))
+        start += weight.shape[0]
+    out = _ShiftSum.apply(layout, *banks)  # (N, T, H', W', C_out)
     if bias is not None:
         out = out + bias
     return out.permute(0, 4, 1, 2, 3)
+
+
+def _shifted(t: Tensor, shift: int) -> tuple[slice, slice]:
+    """Frame slices ``(dst, src)`` with ``dst[i] = src[i + shift]`` for every valid ``i`` of ``t``'s axis 1."""
+    depth = t.shape[1]
+    if shift >= 0:
+        return slice(0, max(depth - shift, 0)), slice(min(shift, depth), depth)
+    return slice(min(-shift, depth), depth), slice(0, max(depth + shift, 0))
+
+
+class _ShiftSum(torch.autograd.Function):
+    """Assemble the groups from the bank outputs: a copy of each group's centre rows plus the
+    frame-shifted off-centre rows, added in place into one output (no per-group temporaries); the
+    backward hands each bank row block its shifted slice of the output gradient (zeros where it fell
+    outside the clip)."""
+
+    @staticmethod
+    def forward(ctx, layout: Layout, *banks: Tensor) -> Tensor:  # type: ignore[override]
+        n, depth, height, width, _ = banks[0].shape
+        out = banks[0].new_empty((n, depth, height, width, layout[-1][1]))
+        for start, stop, sources in layout:
+            target = out[..., start:stop]
+            (bank, row, shift), *rest = sources  # sorted: the centre (shift 0) first
+            target.copy_(banks[bank][..., row : row + stop - start])
+            for bank, row, shift in rest:
+                dst, src = _shifted(out, shift)
+                target[:, dst] += banks[bank][:, src, ..., row : row + stop - start]
+        ctx.layout = layout
+        ctx.shapes = [b.shape for b in banks]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        grads = [grad_out.new_empty(shape) for shape in ctx.shapes]
+        for start, stop, sources in ctx.layout:
+            g = grad_out[..., start:stop]
+            for bank, row, shift in sources:
+                dst, src = _shifted(grad_out, shift)
+                block = grads[bank][..., row : row + stop - start]
+                block[:, src] = g[:, dst]
+                block[:, : src.start].zero_()
+                block[:, src.stop :].zero_()
+        return None, *grads
