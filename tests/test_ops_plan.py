@@ -86,8 +86,13 @@ def test_benchmark_mode_measures_once_per_key_and_keeps_the_fastest(monkeypatch)
     fake = {"fused": 3.0, "grouped": 2.0, "dense": 1.0}
 
     def measure(x, weights, subs, stride, bias, kernel_size):
+        if len(subs) == 1:  # the all-3D layer "dense" runs as (measured on its first call)
+            return {"grouped": 1.0}
         measured.append(plan.plan_key(x, weights, subs, stride, bias))
         return dict(fake)
+
+    def mixed_choices() -> list[str]:
+        return sorted(choice for key, choice in plan.choices().items() if len(key[6]) > 1)
 
     monkeypatch.setattr(plan, "_measure", measure)
     torch.manual_seed(2)
@@ -96,12 +101,12 @@ def test_benchmark_mode_measures_once_per_key_and_keeps_the_fastest(monkeypatch)
     check_contract(op, x)  # train (grad) and inference (no_grad): two keys
     check_contract(op, x)  # cached: no new measurement
     assert len(measured) == 2 and measured[0][4] is True and measured[1][4] is False
-    assert set(plan.choices().values()) == {"dense"}
+    assert mixed_choices() == ["dense", "dense"]
     fake.update(fused=0.5)
     check_contract(op, x.contiguous(memory_format=CL))  # another layout: new keys, the new fastest
     check_contract(op, torch.randn(1, 4, 3, 6, 5))  # another shape: new keys
     assert len(measured) == 6
-    assert sorted(plan.choices().values()) == ["dense", "dense", "fused", "fused", "fused", "fused"]
+    assert mixed_choices() == ["dense", "dense", "fused", "fused", "fused", "fused"]
     other = CakesConv3d(4, {"3x3x3": 5, "1x3x3": 3})  # other counts: another key
     other(x)
     assert len(measured) == 7
@@ -113,9 +118,10 @@ def test_real_measurement_times_every_candidate_without_touching_grads():
     x = torch.randn(1, 8, 4, 6, 6).contiguous(memory_format=CL).requires_grad_(True)  # batch 1: split is a candidate
     y = op(x)
     assert all(p.grad is None for p in op.parameters()) and x.grad is None
-    ((key, times),) = plan.timings().items()
+    (key, times), (inner_key, inner_times) = sorted(plan.timings().items(), key=lambda kv: -len(kv[0][6]))
     assert key[4] is True and set(times) == set(plan.EXECUTIONS) and all(0 < t < 60 for t in times.values())
     assert plan.choices()[key] == min(times, key=times.__getitem__)
+    assert inner_key[6] == (("3x3x3", 16),) and "dense" not in inner_times  # what "dense" ran as
     y.sum().backward()  # the chosen execution's graph is intact
     assert x.grad is not None and all(p.grad is not None for p in op.parameters())
 
@@ -267,8 +273,9 @@ def test_homogeneous_convs_run_the_plan_and_keep_their_values(kind, execution):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     plan.configure("benchmark")
     op(x)
-    dense_steps = sum(step.groups == 1 for step in op)
-    assert len(plan.choices()) == dense_steps  # each dense step measured and cached once
+    steps = {(step.subkernel.name, step.out_channels) for step in op if step.groups == 1}
+    planned = {key[6][0] for key in plan.choices() if len(key[6]) == 1 and key[6][0][0] != "3x3x3"}
+    assert steps - {("3x3x3", 6)} == planned  # each dense step measured and cached (3x3x3 also via "dense")
 
 
 def test_using_runs_a_block_under_another_mode_and_restores_it():
@@ -279,3 +286,28 @@ def test_using_runs_a_block_under_another_mode_and_restores_it():
     with pytest.raises(RuntimeError), plan.using("frames"):
         raise RuntimeError
     assert plan.mode() == "dense"
+
+
+def test_dense_runs_as_the_all_3d_layer_of_the_same_shape_runs(monkeypatch):
+    """``dense`` is the C3D layer's own execution (its cached choice), so choosing it costs what C3D costs."""
+    measured = []
+
+    def measure(x, weights, subs, stride, bias, kernel_size):
+        measured.append(tuple(sub.name for sub in subs))
+        return {"grouped": 2.0, "split": 1.0} if len(subs) == 1 else {"fused": 3.0, "dense": 1.0}
+
+    ran = []
+    monkeypatch.setattr(plan, "_measure", measure)
+    monkeypatch.setitem(plan.EXECUTE, "split", lambda *a: ran.append("split") or time_split.time_split_conv3d(*a[:5]))
+    torch.manual_seed(8)
+    op = CakesConv3d(4, {"3x3x3": 5, "1x3x3": 1})
+    x = torch.randn(1, 4, 4, 5, 5)
+    check_contract(op, x)
+    assert measured == [("3x3x3", "1x3x3"), ("3x3x3",), ("3x3x3", "1x3x3"), ("3x3x3",)]  # train, then no_grad keys
+    assert set(plan.choices().values()) == {"dense", "split"} and ran
+    c3d = HomogeneousConv3d(4, 6, "c3d")  # the all-3D layer of the same shape: the same cached choice
+    c3d(x)
+    assert len(measured) == 4
+    plan.configure("deterministic")  # one-group layers never recurse into "dense"
+    torch.testing.assert_close(c3d(x), torch.nn.functional.conv3d(x, c3d[0].weight, padding=1))
+    check_contract(CakesConv3d(4, {"3x3x3": 7, "1x3x3": 1}), x)

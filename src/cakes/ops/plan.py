@@ -8,7 +8,9 @@ A heterogeneous convolution can run in several ways that compute the same functi
   switch off — :mod:`cakes.ops.cpu.switch` — per-group + concat);
 * ``grouped`` — the plain per-group form: ``F.conv3d`` per group, ``torch.cat``, bias;
 * ``dense`` — ONE ``kxkxk`` convolution with the sub-kernels zero-padded
-  (:func:`~cakes.ops.reference.dense_weight`): exactly the cost of the all-3D (C3D) layer;
+  (:func:`~cakes.ops.reference.dense_weight`), run as the all-3D (C3D) layer of the same shape runs
+  (the plan's own choice for that one-group layer, or a plain ``F.conv3d`` in the fixed ``dense``
+  mode): exactly the cost of the C3D layer, so a planned layer is never slower than it;
 * ``frames`` — :func:`~cakes.ops.frames.frame_conv3d`: the groups' 2-D slices as one 2-D
   convolution per slice size over the ``N·T`` frames, then a shift-sum along the first axis (the
   groups' exact MACs; only with stride 1 along that axis — elsewhere a forced ``frames`` runs ``fused``);
@@ -52,7 +54,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from cakes.ops.cpu import torch_shim
 from cakes.ops import frames, time_split
@@ -81,7 +82,12 @@ def _grouped(x, weights, subs, stride, bias, kernel_size):
 
 
 def _dense(x, weights, subs, stride, bias, kernel_size):
-    return F.conv3d(x, dense_weight(weights, subs, kernel_size), bias, stride, kernel_size // 2)
+    full = [SubKernel((kernel_size,) * 3, kernel_size)]
+    dense = [dense_weight(weights, subs, kernel_size)]
+    inner = "grouped" if _State.mode == "dense" else choose(x, dense, full, stride, bias, kernel_size)
+    if inner == "dense":  # the deterministic rule of a one-group full-kernel layer: nothing to zero-pad
+        inner = "grouped"
+    return EXECUTE[inner](x, dense, full, stride, bias, kernel_size)
 
 
 def _frames(x, weights, subs, stride, bias, kernel_size):
