@@ -79,6 +79,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from cakes.ops.arch import Arch, load_arch  # noqa: E402
 from cakes.backbones import C2FNAS, ResNet3d  # noqa: E402
 from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform, fast_path_enabled, plan, set_fast_path  # noqa: E402
+from cakes.ops.cpu import primitive_cache  # noqa: E402
 from cakes.ops.factory import ConvNorm  # noqa: E402
 from cakes.ops.subkernel import as_triple  # noqa: E402
 from cakes.profile import profile  # noqa: E402
@@ -507,6 +508,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    primitive_cache.raise_capacity()  # before the first convolution (workers inherit it)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.fast_path is not None:

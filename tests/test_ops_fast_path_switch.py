@@ -206,3 +206,16 @@ def test_ops_benchmark_ab_times_the_fast_path_on_and_off(capsys):
     (_, ab) = table_rows(out)
     on, off, ratio = (float(v) for v in ab[3:6])
     assert on > 0 and off > 0 and ratio == pytest.approx(on / off, abs=0.05 / off * (1 + on / off) + 5e-4)
+
+
+def test_primitive_cache_capacity_is_raised_unless_the_user_set_it(monkeypatch):
+    from cakes.ops.cpu import primitive_cache
+
+    for name in primitive_cache.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")  # the user's choice stays
+    assert primitive_cache.raise_capacity() == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8192", "LRU_CACHE_CAPACITY": "512"}
+    assert primitive_cache.raise_capacity(100) == {
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8192",
+        "LRU_CACHE_CAPACITY": "512",
+    }

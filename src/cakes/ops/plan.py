@@ -10,7 +10,8 @@ A heterogeneous convolution can run in several ways that compute the same functi
 * ``dense`` — ONE ``kxkxk`` convolution with the sub-kernels zero-padded
   (:func:`~cakes.ops.reference.dense_weight`), run as the all-3D (C3D) layer of the same shape runs
   (the plan's own choice for that one-group layer, or a plain ``F.conv3d`` in the fixed ``dense``
-  mode): exactly the cost of the C3D layer, so a planned layer is never slower than it;
+  mode): the cost of the C3D layer plus building the zero-padded weight, so a planned layer is
+  never slower than C3D's beyond that copy and measurement noise;
 * ``frames`` — :func:`~cakes.ops.frames.frame_conv3d`: the groups' 2-D slices as one 2-D
   convolution per slice size over the ``N·T`` frames, then a shift-sum along the first axis (the
   groups' exact MACs; only with stride 1 along that axis — elsewhere a forced ``frames`` runs ``fused``);
@@ -28,7 +29,7 @@ stride, bias) — times every candidate on that input (interleaved, best of
 :data:`BENCHMARK_REPS` after one warm-up; training calls time forward + backward) and caches the
 fastest; later calls look it up (a dict lookup: no timing, no host synchronisation). Since
 ``dense`` is always a candidate, a planned layer is never slower than C3D's by more than the
-measurement noise.
+zero-padded weight's copy and the measurement noise.
 
 Settings (:func:`configure`, or the ``CAKES_CONV_PLAN`` environment variable read at import;
 ``conv_plan=…`` in the train/search configs sets both):
