@@ -5,8 +5,8 @@ keep the last 1024 convolution primitives they created. A CAKES layer is several
 its own shapes (one per group and execution, forward and both backward passes), so a process that
 runs several networks — the nine of the whole-network benchmark, a report comparing models —
 exceeds 1024 and re-creates (JIT-compiles) primitives every step: nine ResNet-50 I3D in one process
-trained 7–25 % slower per step than in their own processes, and 25–40 % slower than with larger
-caches (docs/results.md#whole-network-speed). Both variables are read when the first primitive is
+ran 2–39 % slower per step than in their own processes, and 0.77–1.22× with 8192
+(docs/results.md#whole-network-speed). Both variables are read when the first primitive is
 created, so :func:`raise_capacity` must run before the first CPU convolution; the entry points call
 it first thing. A value the user set is kept.
 """
