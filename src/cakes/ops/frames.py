@@ -9,12 +9,14 @@ Every 2-D slice of every group that shares one ``(h, w)`` size becomes a row of 
 over the ``N·T`` frames (a *bank*); the groups' outputs are then the sums of their rows shifted along
 the frame axis. The MACs are exactly those of the groups (a ``3x3x3`` row is three ``3x3`` rows); what
 changes is the primitive: one full-width 2-D convolution per bank instead of one thin 3-D convolution
-per group. On the project machines oneDNN runs 2-D convolutions at a much higher throughput than 3-D
-ones at the early ResNet stages (see docs/performance.md#frame-wise-execution), and a channels-last
-``(N, C, T, H, W)`` tensor is a channels-last ``(N·T, C, H, W)`` batch of frames without a copy.
+per group, with a batch of ``N·T`` frames — which keeps PyTorch's CPU convolution on oneDNN where a
+batch-1 clip would go to its slow path
+(docs/performance.md#batch-1-cpu-convolutions-frame-wise-and-time-split-executions). A
+channels-last ``(N, C, T, H, W)`` tensor is a channels-last ``(N·T, C, H, W)`` batch of frames
+without a copy.
 
 Only for a stride of 1 along the first axis (never strided in either backbone); ``groups=1``.
-Device-agnostic (plain ``conv2d``, slicing, in-place adds): the same code runs on CUDA.
+Device-agnostic (``conv2d``, slicing, in-place adds in one autograd node): the same code runs on CUDA.
 """
 
 from __future__ import annotations

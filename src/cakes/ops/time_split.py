@@ -2,13 +2,14 @@
 
 PyTorch sends a CPU ``conv3d`` whose input has batch 1 and ``C·T·H ≤ 20480`` to its unblocked
 ``slow_conv3d`` (forward and backward) instead of oneDNN — every slot convolution of ResNet-50 I3D
-at 8×112², batch 1 (``planes·T·H = 14336``) — and that path runs them 1.3–3× slower (measured in
-docs/performance.md#time-split-execution). Splitting the clip into its two halves along time and
-stacking them as a batch of 2 computes the same convolution on oneDNN's path: a group with a full
-temporal kernel reads each half with its ``k // 2`` neighbouring frames (the halo, zeros outside the
-clip) and is run without temporal padding; a group with a unit temporal kernel reads the halves as
-they are (a free view of a channels-last clip). The outputs of the two halves, in channels-last
-memory, are already the clip's frames in order.
+at 8×112², batch 1 (``planes·T·H = 14336``) — and that path ran C3D's layers 1.06–5.2× slower than
+this execution (docs/performance.md#batch-1-cpu-convolutions-frame-wise-and-time-split-executions).
+Splitting the clip into its two halves along time and stacking them as a batch of 2 computes the
+same convolution on oneDNN's path: a group with a full temporal kernel reads each half with its
+``k // 2`` neighbouring frames (the halo, zeros outside the clip) and is run without temporal
+padding; a group with a unit temporal kernel reads the halves as they are (a free view of a
+channels-last clip). The outputs of the two halves, in channels-last memory, are already the
+clip's frames in order.
 
 Needs unit stride and an even length along the first axis; MACs are exactly the groups'.
 """
