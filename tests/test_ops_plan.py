@@ -120,10 +120,17 @@ def test_real_measurement_times_every_candidate_without_touching_grads():
     assert all(p.grad is None for p in op.parameters()) and x.grad is None
     (key, times), (inner_key, inner_times) = sorted(plan.timings().items(), key=lambda kv: -len(kv[0][6]))
     assert key[4] is True and set(times) == set(plan.EXECUTIONS) and all(0 < t < 60 for t in times.values())
-    assert plan.choices()[key] == min(times, key=times.__getitem__)
+    assert plan.choices()[key] == plan.pick(times)
     assert inner_key[6] == (("3x3x3", 16),) and "dense" not in inner_times  # what "dense" ran as
     y.sum().backward()  # the chosen execution's graph is intact
     assert x.grad is not None and all(p.grad is not None for p in op.parameters())
+
+
+def test_pick_keeps_the_plain_execution_unless_another_is_clearly_faster():
+    assert plan.pick({"fused": 1.0, "grouped": 1.04, "frames": 1.2}) == "grouped"  # within the margin
+    assert plan.pick({"fused": 1.0, "grouped": 1.06, "frames": 1.2}) == "fused"
+    assert plan.pick({"grouped": 2.0, "split": 1.0}) == "split"
+    assert plan.pick({"dense": 1.0, "fused": 0.9}) == "fused"  # no plain candidate: the fastest
 
 
 def test_deterministic_mode_follows_the_rule_without_measuring(monkeypatch):
