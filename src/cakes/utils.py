@@ -1,5 +1,6 @@
 """Leaf helpers with no dependency on the rest of ``cakes``: plain-data conversion, where the
-project's ``conf/`` lives, pure seeds and the git commit of the running code.
+project's ``conf/`` lives, pure seeds, the git commit of the running code, and restoring an
+environment variable after a block.
 
 Nothing here imports from ``cakes``, so any module may import it without creating a cycle.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +67,16 @@ def git_commit(cwd: Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@contextmanager
+def env_restored(name: str) -> Iterator[None]:
+    """Restore environment variable ``name`` to what it was (set or unset) when the block exits."""
+    previous = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

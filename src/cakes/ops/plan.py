@@ -62,6 +62,7 @@ from cakes.ops import frames, time_split
 from cakes.ops.cpu.function import cakes_conv3d
 from cakes.ops.reference import dense_weight, grouped_conv3d
 from cakes.ops.subkernel import SubKernel
+from cakes.utils import env_restored
 
 EXECUTIONS = ("fused", "grouped", "dense", "frames", "split")
 MODES = ("benchmark", "deterministic", *EXECUTIONS)
@@ -137,16 +138,13 @@ def configure(mode: str) -> None:
 def using(mode: str) -> Iterator[None]:
     """``with plan.using("grouped"):`` — run a block under another plan mode (e.g. time a network
     with plain per-group ``F.conv3d`` calls, as ``nn.Conv3d`` layers would run), then restore."""
-    previous, env = _State.mode, os.environ.get(ENV_VAR)
-    configure(mode)
-    try:
-        yield
-    finally:
-        _State.mode = previous
-        if env is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = env
+    previous = _State.mode
+    with env_restored(ENV_VAR):
+        configure(mode)
+        try:
+            yield
+        finally:
+            _State.mode = previous
 
 
 def mode() -> str:

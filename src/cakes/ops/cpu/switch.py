@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from cakes.ops.cpu import torch_shim
+from cakes.utils import env_restored
 
 ENV_VAR = "CAKES_FAST_PATH"
 _ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
@@ -54,16 +55,13 @@ def fast_path_enabled() -> bool:
 @contextmanager
 def fast_path(enabled: bool) -> Iterator[None]:
     """``with fast_path(False): ...`` — the switch set for a block, then restored (the variable too)."""
-    previous, previous_env = _State.enabled, os.environ.get(ENV_VAR)
-    set_fast_path(enabled)
-    try:
-        yield
-    finally:
-        _State.enabled = previous
-        if previous_env is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous_env
+    previous = _State.enabled
+    with env_restored(ENV_VAR):
+        set_fast_path(enabled)
+        try:
+            yield
+        finally:
+            _State.enabled = previous
 
 
 def fast_path_applies(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None) -> bool:
