@@ -209,8 +209,8 @@ def test_frames_execution_shift_sums_at_every_clip_length(frames):
 
 def frames_of(op: CakesConv3d, x: torch.Tensor) -> dict[tuple[int, int], int]:
     """Rows of each 2-D bank the frame-wise execution of ``op`` runs."""
-    rows = frames_module.bank_rows(op.subkernels)
-    return {size: sum(op.group_sizes[g] for g, _ in entries) for size, entries in rows.items()}
+    rows = frames_module.bank_rows(tuple(op.subkernels))
+    return {size: sum(op.group_sizes[g] for g, _ in entries) for size, entries in rows}
 
 
 @pytest.mark.parametrize("frames", [2, 4, 8], ids=lambda t: f"T{t}")

@@ -87,8 +87,7 @@ class CakesConv3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C_in, T, H, W) -> (N, C_out, T', H', W')``."""
         weights = [self.weights[sub.name] for sub in self.subkernels]
-        execution = plan.choose(x, weights, self.subkernels, self.stride, self.bias, self.kernel_size)
-        return plan.EXECUTE[execution](x, weights, self.subkernels, self.stride, self.bias, self.kernel_size)
+        return plan.run(x, weights, self.subkernels, self.stride, self.bias, self.kernel_size)
 
     @classmethod
     def from_dense(

@@ -21,6 +21,8 @@ Device-agnostic (``conv2d``, slicing, in-place adds in one autograd node): the s
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -35,19 +37,41 @@ def supports(subs: Sequence[SubKernel], stride: tuple[int, int, int]) -> bool:
     return stride[0] == 1 and len(subs) > 0
 
 
-def bank_rows(subs: Sequence[SubKernel]) -> dict[tuple[int, int], list[tuple[int, int]]]:
-    """``{(h, w): [(group, offset), ...]}``: which 2-D slices each bank's convolution computes, in row order."""
+#: the banks of a layer: ``((h, w), ((group, offset), ...))`` per 2-D slice size, rows in order
+Banks = tuple[tuple[tuple[int, int], tuple[tuple[int, int], ...]], ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def bank_rows(subs: tuple[SubKernel, ...]) -> Banks:
+    """Which 2-D slices each bank's convolution computes, in row order (cached per op set)."""
     banks: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for group, sub in enumerate(subs):
         depth, height, width = sub.size
         for offset in range(depth):
             banks.setdefault((height, width), []).append((group, offset))
-    return banks
+    return tuple((size, tuple(rows)) for size, rows in banks.items())
 
 
 #: where one group's output comes from: ``(group start, group stop, [(bank, bank row start, shift), ...])``
 #: with ``out[:, i, ..., start:stop] = sum(bank[:, i + shift, ..., row:row + stop - start])`` (zero outside)
-Layout = list[tuple[int, int, list[tuple[int, int, int]]]]
+Layout = tuple[tuple[int, int, tuple[tuple[int, int, int], ...]], ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(subs: tuple[SubKernel, ...], sizes: tuple[int, ...]) -> Layout:
+    """The :data:`Layout` of groups ``subs`` of ``sizes`` channels over the banks of :func:`bank_rows`
+    (a pure function of the layer, computed once per layer rather than per call)."""
+    sources: dict[int, list[tuple[int, int, int]]] = {}  # group -> its (bank, row start, shift)
+    for bank, (_, rows) in enumerate(bank_rows(subs)):
+        start = 0
+        for g, j in rows:
+            sources.setdefault(g, []).append((bank, start, j - subs[g].size[0] // 2))
+            start += sizes[g]
+    starts = list(itertools.accumulate(sizes, initial=0))
+    return tuple(
+        (starts[g], starts[g + 1], tuple(sorted(sources[g], key=lambda s: abs(s[2]))))  # the centre first
+        for g in range(len(subs))
+    )
 
 
 def frame_conv3d(
@@ -67,20 +91,11 @@ def frame_conv3d(
     n, c_in, depth, height, width = x.shape
     frames = x.transpose(1, 2).reshape(n * depth, c_in, height, width)  # a view for channels-last inputs
     banks: list[Tensor] = []
-    sources: dict[int, list[tuple[int, int, int]]] = {}  # group -> its (bank, row start, shift)
-    for (kh, kw), rows in bank_rows(subs).items():
+    for (kh, kw), rows in bank_rows(tuple(subs)):
         weight = torch.cat([weights[g][:, :, j] for g, j in rows]) if len(rows) > 1 else weights[rows[0][0]][:, :, 0]
         y = F.conv2d(frames, weight, stride=stride[1:], padding=(kh // 2, kw // 2))  # (N·T, rows, H', W')
         banks.append(y.view(n, depth, *y.shape[1:]).permute(0, 1, 3, 4, 2))  # (N, T, H', W', rows)
-        start = 0
-        for g, j in rows:
-            sources.setdefault(g, []).append((len(banks) - 1, start, j - subs[g].size[0] // 2))
-            start += weights[g].shape[0]
-    layout: Layout = []
-    start = 0
-    for g, weight in enumerate(weights):
-        layout.append((start, start + weight.shape[0], sorted(sources[g], key=lambda s: abs(s[2]))))
-        start += weight.shape[0]
+    layout = _layout(tuple(subs), tuple(w.shape[0] for w in weights))
     out = _ShiftSum.apply(layout, *banks)  # (N, T, H', W', C_out)
     if bias is not None:
         out = out + bias

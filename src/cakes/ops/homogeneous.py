@@ -73,9 +73,7 @@ class SubKernelConv3d(nn.Module):
         heterogeneous conv and runs the execution :mod:`cakes.ops.plan` picks for it, exactly as
         :class:`~cakes.ops.conv.CakesConv3d` layers do: baselines and CAKES networks get the same choices."""
         if self.groups == 1:
-            weights, subs = [self.weight], [self.subkernel]
-            execution = plan.choose(x, weights, subs, self.stride, self.bias, self.subkernel.k)
-            return plan.EXECUTE[execution](x, weights, subs, self.stride, self.bias, self.subkernel.k)
+            return plan.run(x, [self.weight], [self.subkernel], self.stride, self.bias, self.subkernel.k)
         out = subkernel_conv(x, self.weight, self.subkernel, self.stride, self.groups)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
 

@@ -36,7 +36,7 @@ Settings (:func:`configure`, or the ``CAKES_CONV_PLAN`` environment variable rea
 ``conv_plan=…`` in the train/search configs sets both):
 
 * ``benchmark`` — measure once per key, cache (default);
-* ``fused`` | ``grouped`` | ``dense`` | ``frames`` — always that execution (``fused`` = no plan: the
+* ``fused`` | ``grouped`` | ``dense`` | ``frames`` | ``split`` — always that execution (``fused`` = no plan: the
   behaviour before plans existed);
 * ``deterministic=True`` (``CAKES_CONV_PLAN=deterministic``; also implied by
   ``torch.use_deterministic_algorithms(True)``) — no timing: the choice is the fixed
@@ -89,8 +89,8 @@ def _grouped(x, weights, subs, stride, bias, kernel_size):
 def _dense(x, weights, subs, stride, bias, kernel_size):
     full = [SubKernel((kernel_size,) * 3, kernel_size)]
     dense = [dense_weight(weights, subs, kernel_size)]
-    inner = "grouped" if _State.mode == "dense" else choose(x, dense, full, stride, bias, kernel_size)
-    if inner == "dense":  # the deterministic rule of a one-group full-kernel layer: nothing to zero-pad
+    inner = choose(x, dense, full, stride, bias, kernel_size)  # as the all-3D layer of this shape runs
+    if inner == "dense":  # forced dense mode or the deterministic rule: a one-group layer has nothing to pad
         inner = "grouped"
     return EXECUTE[inner](x, dense, full, stride, bias, kernel_size)
 
@@ -219,8 +219,7 @@ def choose(
         return "fused"
     current = _State.mode
     if current in EXECUTIONS:
-        runnable = {"frames": frames.supports(subs, stride), "split": time_split.supports(x, stride)}
-        return current if runnable.get(current, True) else "fused"
+        return current if runs_here(current, x, subs, stride) else "fused"
     if current == "deterministic" or torch.are_deterministic_algorithms_enabled():
         return rule(subs, weights, kernel_size)
     key = plan_key(x, weights, subs, stride, bias)
@@ -230,6 +229,32 @@ def choose(
         _State.timings[key] = times
         found = _State.cache[key] = pick(times)
     return found
+
+
+def run(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    subs: Sequence[SubKernel],
+    stride: tuple[int, int, int],
+    bias: Tensor | None,
+    kernel_size: int,
+) -> Tensor:
+    """Run a heterogeneous conv with the execution :func:`choose` picks (what every planned layer calls).
+
+    ``x``: ``(N, C_in, T, H, W)``; ``weights[i]``: ``(n_i, C_in, *subs[i].size)``; output
+    ``(N, C_out, T', H', W')``, channels in group order."""
+    execution = choose(x, weights, subs, stride, bias, kernel_size)
+    return EXECUTE[execution](x, weights, subs, stride, bias, kernel_size)
+
+
+def runs_here(execution: str, x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int]) -> bool:
+    """Whether ``execution`` can run this call: ``frames`` needs unit stride along the first axis,
+    ``split`` also an even length; the others run anywhere."""
+    if execution == "frames":
+        return frames.supports(subs, stride)
+    if execution == "split":
+        return time_split.supports(x, stride)
+    return True
 
 
 def pick(times: dict[str, float]) -> str:
@@ -254,9 +279,9 @@ def candidate_executions(
     candidates = ["fused", "grouped", "dense"] if cpu else ["grouped", "dense"]
     if len(subs) == 1 and subs[0].size == (kernel_size,) * 3:
         candidates.remove("dense")
-    if frames.supports(subs, stride):
+    if runs_here("frames", x, subs, stride):
         candidates.append("frames")
-    if cpu and x.shape[0] == 1 and time_split.supports(x, stride):
+    if cpu and x.shape[0] == 1 and runs_here("split", x, subs, stride):
         candidates.append("split")
     return candidates
 
