@@ -41,10 +41,11 @@ the track in ONE process and interleaves them all (the "many models in one proce
     python benchmarks/network.py --track volume --shapes 64:1 96:1 --reps 3
     python benchmarks/network.py --only ssv1_cakes23d_c --modes eval --onnx
     python benchmarks/network.py --device cuda          # timed with CUDA events
-    python benchmarks/network.py --fast-path off        # CakesConv3d's CPU fast path off (A/B: run both)
+    python benchmarks/network.py --fast-path off        # the CPU fast paths off (A/B: run both)
 
-``--fast-path on|off`` switches ``CakesConv3d``'s CPU fast path (``cakes.ops.set_fast_path``) in
-every process; off, its ``fused`` execution is the reference per-group form. For an A/B of the fast
+``--fast-path on|off`` switches the CPU fast paths (``cakes.ops.set_fast_path``) in every process;
+off, ``CakesConv3d``'s ``fused`` execution is the reference per-group form and the 1x1x1
+convolutions run as plain ``F.conv3d`` instead of one GEMM (``cakes.ops.pointwise``). For an A/B of the fast
 path, run the same command with ``on`` and ``off`` (``CAKES_CONV_PLAN=fused`` pins the execution
 plan so both runs time the fused op).
 
@@ -78,7 +79,16 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cakes.ops.arch import Arch, load_arch  # noqa: E402
 from cakes.backbones import C2FNAS, ResNet3d  # noqa: E402
-from cakes.ops import Derived, Homogeneous, OperatorFactory, Uniform, fast_path_enabled, plan, set_fast_path  # noqa: E402
+from cakes.ops import (  # noqa: E402
+    Derived,
+    Homogeneous,
+    OperatorFactory,
+    Uniform,
+    fast_path,
+    fast_path_enabled,
+    plan,
+    set_fast_path,
+)
 from cakes.ops.cpu import primitive_cache  # noqa: E402
 from cakes.ops.factory import ConvNorm  # noqa: E402
 from cakes.ops.subkernel import as_triple  # noqa: E402
@@ -226,7 +236,8 @@ def step_fn(
     net: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str, native: bool = False
 ) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward; grads reset) or one inference; ``native``:
-    every 3D convolution as a plain ``F.conv3d`` call (the plan pinned to ``grouped``)."""
+    every convolution as a plain ``F.conv3d`` call (the plan pinned to ``grouped``, the 1x1x1
+    convolutions' GEMM off with the fast path), i.e. what the network costs built of ``nn.Conv3d``."""
     params = [p for p in net.parameters() if p.requires_grad]
 
     def train() -> None:
@@ -243,7 +254,7 @@ def step_fn(
         return step
 
     def pinned() -> None:
-        with plan.using("grouped"):
+        with plan.using("grouped"), fast_path(False):
             step()
 
     return pinned
@@ -509,7 +520,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         "--fast-path",
         choices=["on", "off"],
         default=None,
-        help="switch CakesConv3d's CPU fast path (default: CAKES_FAST_PATH, else on)",
+        help="switch the CPU fast paths: CakesConv3d's and the 1x1x1 GEMM (default: CAKES_FAST_PATH, else on)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

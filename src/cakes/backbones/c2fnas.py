@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from cakes.backbones.base import SlotBuilder, scaled_width
 from cakes.ops.factory import OperatorFactory
+from cakes.ops.pointwise import PointwiseConv3d
 
 BACKBONE_NAME = "c2fnas"
 LEVEL_WIDTHS = (64, 128, 256, 512)
@@ -69,7 +70,11 @@ class PreActConv(nn.Sequential):
         super().__init__()
         if activation:
             self.act = nn.ReLU()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        self.conv = (
+            PointwiseConv3d(in_channels, out_channels, stride=stride)
+            if kernel_size == 1
+            else nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        )
         self.norm = INSTANCE_NORM(out_channels)
 
 
@@ -126,7 +131,7 @@ class Head(nn.Sequential):
         self.up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)
         self.conv_b = PreActConv(mid_channels, out_channels, 3)
         self.act = nn.ReLU()
-        self.classifier = nn.Conv3d(out_channels, num_classes, 1)
+        self.classifier = PointwiseConv3d(out_channels, num_classes, bias=True)
 
 
 class C2FNAS(nn.Module):

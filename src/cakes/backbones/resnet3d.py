@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from cakes.backbones.base import InflationReport, SlotBuilder, scaled_width
 from cakes.ops.factory import OperatorFactory
 from cakes.ops.inflate import tile_input_channels
+from cakes.ops.pointwise import PointwiseConv3d
 
 BACKBONE_NAME = "resnet3d"
 
@@ -41,8 +42,8 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _pointwise(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv3d:
-    return nn.Conv3d(in_channels, out_channels, kernel_size=1, stride=(1, stride, stride), bias=False)
+def _pointwise(in_channels: int, out_channels: int, stride: int = 1) -> PointwiseConv3d:
+    return PointwiseConv3d(in_channels, out_channels, stride=(1, stride, stride))
 
 
 class Bottleneck(nn.Module):

@@ -1,0 +1,54 @@
+"""1x1x1 convolutions as one matrix product over a channels-last tensor.
+
+A ``(N, C, T, H, W)`` tensor in ``channels_last_3d`` memory is, byte for byte, an ``(N·T·H·W, C)``
+matrix, so a 1x1x1 convolution is ``F.linear`` on a permuted view: one GEMM, no copy in or out, and
+its backward is two more GEMMs. PyTorch's CPU ``conv3d`` instead sends a batch-1 input with
+``C·T·H ≤ 20480`` to its unblocked ``slow_conv3d`` (forward and backward, with contiguous copies
+of input and gradient), and otherwise through oneDNN's weight reorders. In ResNet-50 I3D at 8×112²,
+batch 1, the 1x1x1 convolutions are most of what is not a slot: the network without its slot
+convolutions trained in 164 ms instead of 270 ms per step with them as GEMMs
+(docs/performance.md#pointwise-convolutions).
+
+The GEMM runs where the CPU fast path runs (:func:`cakes.ops.cpu.switch.fast_path_applies`: switch
+on, CPU, no FLOP counter or transform active) on a channels-last input, and not while exporting to
+ONNX (the graph keeps a ``Conv``, which onnxruntime fuses with the norm after it). Everywhere else it
+is the plain ``nn.Conv3d``. A strided convolution takes the strided view of its input first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cakes.ops.cpu.switch import fast_path_applies
+
+CL = torch.channels_last_3d
+
+
+class PointwiseConv3d(nn.Conv3d):
+    """``nn.Conv3d`` with a 1x1x1 kernel (same parameters, state dict and ``F.conv3d`` values);
+    ``(N, C_in, T, H, W) -> (N, C_out, T/s_T, H/s_H, W/s_W)``, a channels-last output for a
+    channels-last input."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, *, stride: int | tuple[int, int, int] = 1, bias: bool = False
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, stride=stride, bias=bias)
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if not self._runs_as_gemm(x, weight, bias):
+            return super()._conv_forward(x, weight, bias)
+        st, sh, sw = self.stride
+        if (st, sh, sw) != (1, 1, 1):
+            x = x[:, :, ::st, ::sh, ::sw]
+        rows = F.linear(x.permute(0, 2, 3, 4, 1), weight.view(self.out_channels, self.in_channels), bias)
+        return rows.permute(0, 4, 1, 2, 3)
+
+    @staticmethod
+    def _runs_as_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+        return (
+            fast_path_applies(x, (weight,), bias)
+            and x.is_contiguous(memory_format=CL)
+            and not torch.onnx.is_in_onnx_export()
+        )

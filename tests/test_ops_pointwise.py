@@ -1,0 +1,83 @@
+"""``PointwiseConv3d``: a 1x1x1 ``nn.Conv3d`` that runs as one GEMM on a channels-last CPU input.
+
+Whichever way it runs, values and gradients are those of ``F.conv3d`` with its weight; the GEMM runs
+only where it is meant to (channels-last, fast path on, no FLOP counter, not exporting)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from cakes.ops import fast_path
+from cakes.ops.pointwise import PointwiseConv3d
+from cakes.profile import profile
+
+CL = torch.channels_last_3d
+
+
+def spy_linear(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    linear = F.linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+@pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 2), (2, 1, 2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_gradients_match_conv3d(layout, stride, bias, monkeypatch):
+    calls = spy_linear(monkeypatch)
+    torch.manual_seed(0)
+    conv = PointwiseConv3d(6, 5, stride=stride, bias=bias).double().to(memory_format=CL)
+    x = torch.randn(2, 6, 4, 5, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    y = conv(x)
+    assert len(calls) == (1 if layout is CL else 0)
+    plain = torch.nn.Conv3d(6, 5, 1, stride=stride, bias=bias).double().to(memory_format=CL)
+    plain.load_state_dict(conv.state_dict())
+    ref_x = x.detach().clone().requires_grad_()
+    ref = plain(ref_x)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref)
+    if layout is CL:
+        assert y.is_contiguous(memory_format=CL)
+    grad = torch.randn_like(ref)
+    y.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(conv.weight.grad, plain.weight.grad)
+    if bias:
+        torch.testing.assert_close(conv.bias.grad, plain.bias.grad)
+
+
+def test_gradcheck_of_the_gemm():
+    conv = PointwiseConv3d(3, 4, stride=(1, 2, 2), bias=True).double()
+    x = torch.randn(1, 3, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    assert torch.autograd.gradcheck(conv, (x,))
+
+
+def test_plain_conv_when_switched_off_counted_or_exported(monkeypatch):
+    calls = spy_linear(monkeypatch)
+    conv = PointwiseConv3d(4, 8)
+    x = torch.randn(1, 4, 2, 3, 3).contiguous(memory_format=CL)
+    with fast_path(False):
+        conv(x)
+    assert calls == []
+    assert profile(conv, tuple(x.shape)).macs == 8 * 4 * 2 * 3 * 3  # the counter sees a convolution
+    assert calls == []
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    conv(x)
+    assert calls == []
+
+
+def test_state_dict_is_that_of_nn_conv3d():
+    conv = PointwiseConv3d(4, 8, stride=(1, 2, 2), bias=True)
+    plain = torch.nn.Conv3d(4, 8, 1, stride=(1, 2, 2), bias=True)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 4, 2, 6, 6).contiguous(memory_format=CL)
+    torch.testing.assert_close(conv(x), plain(x))
