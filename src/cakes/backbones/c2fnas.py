@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from cakes.backbones.base import SlotBuilder, scaled_width
 from cakes.ops.factory import OperatorFactory
+from cakes.ops.norm import InstanceNorm3d
 from cakes.ops.pointwise import PointwiseConv3d
 
 BACKBONE_NAME = "c2fnas"
@@ -57,7 +58,7 @@ CELLS: tuple[tuple[str, int, str, tuple[str, ...]], ...] = (
 )
 HEADS = ("light", "concat")
 #: the norm of every conv and slot (affine: its γ are the path weights of a supernet slot)
-INSTANCE_NORM = partial(nn.InstanceNorm3d, affine=True)
+INSTANCE_NORM = partial(InstanceNorm3d, affine=True)
 
 
 class PreActConv(nn.Sequential):
