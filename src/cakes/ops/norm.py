@@ -11,7 +11,7 @@ The same statistics come without a layout change from
 * ``F.group_norm`` with one group per channel, for a batch of several;
 
 both have channels-last CPU kernels. On a channels-last 32×64³ input (forward + backward, with the
-ReLU after it) that is 45 ms instead of 95 ms (docs/performance.md#channels-last-norms-and-pointwise-convolutions).
+ReLU after it) that is 45 ms instead of 95 ms (docs/performance.md#pointwise-convolutions-and-instance-norms).
 
 The rewrite runs where the CPU fast path runs (:func:`cakes.ops.cpu.switch.fast_path_applies`), on a
 channels-last input, for a norm without running statistics, and not while exporting to ONNX (the

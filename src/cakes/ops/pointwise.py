@@ -5,9 +5,9 @@ matrix, so a 1x1x1 convolution is ``F.linear`` on a permuted view: one GEMM, no 
 its backward is two more GEMMs. PyTorch's CPU ``conv3d`` instead sends a batch-1 input with
 ``C·T·H ≤ 20480`` to its unblocked ``slow_conv3d`` (forward and backward, with contiguous copies
 of input and gradient), and otherwise through oneDNN's weight reorders. In ResNet-50 I3D at 8×112²,
-batch 1, the 1x1x1 convolutions are most of what is not a slot: the network without its slot
-convolutions trained in 164 ms instead of 270 ms per step with them as GEMMs
-(docs/performance.md#pointwise-convolutions).
+batch 1, the network without its slot convolutions trained in 159–172 ms per step with its 1x1x1
+convolutions as GEMMs instead of 262–273 ms
+(docs/performance.md#pointwise-convolutions-and-instance-norms).
 
 The GEMM runs where the CPU fast path runs (:func:`cakes.ops.cpu.switch.fast_path_applies`: switch
 on, CPU, no FLOP counter or transform active) on a channels-last input, and not while exporting to
