@@ -142,3 +142,27 @@ def test_network_benchmark_fits_archs_to_any_width_and_checks_its_arguments():
         network.main(["--only", "C3D2"])
     with pytest.raises(SystemExit):
         network.main(["--track", "volume", "--only", "found"])  # needs --found
+
+
+def test_native_step_runs_plain_modules_and_the_planned_step_does_not(monkeypatch):
+    """The native baseline is the network of plain ``nn.Conv3d`` calls: its 1x1x1 convolutions are
+    ``conv3d`` (the GEMM off with the fast path); the planned step runs them as GEMMs."""
+    network = load("network")
+    from torch.nn import functional as F
+
+    gemms = []
+    linear = F.linear
+
+    def counting(x, *args, **kwargs):
+        if x.dim() == 5:  # a 1x1x1 convolution's GEMM (the head's Linear sees 2-D features)
+            gemms.append(1)
+        return linear(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", counting)
+    net = network.build("video", "C3D", 0.125, None).to(memory_format=network.CL)
+    x = torch.randn(1, 3, 2, 32, 32).contiguous(memory_format=network.CL)
+    target = torch.zeros(1, dtype=torch.long)
+    network.step_fn(net, x, target, "eval", native=True)()
+    assert gemms == []
+    network.step_fn(net, x, target, "eval")()
+    assert len(gemms) > 0

@@ -116,7 +116,9 @@ def test_real_measurement_times_every_candidate_without_touching_grads():
     torch.manual_seed(3)
     op = CakesConv3d(8, {"3x3x3": 5, "1x3x3": 6, "3x1x1": 5}, bias=True).to(memory_format=CL)
     x = torch.randn(1, 8, 4, 6, 6).contiguous(memory_format=CL).requires_grad_(True)  # batch 1: split is a candidate
+    rng_before = torch.get_rng_state()
     y = op(x)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # timing draws nothing: resumed runs draw alike
     assert all(p.grad is None for p in op.parameters()) and x.grad is None
     (key, times), (inner_key, inner_times) = sorted(plan.timings().items(), key=lambda kv: -len(kv[0][6]))
     assert key[4] is True and set(times) == set(plan.EXECUTIONS) and all(0 < t < 60 for t in times.values())

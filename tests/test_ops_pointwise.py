@@ -81,3 +81,39 @@ def test_state_dict_is_that_of_nn_conv3d():
     plain.load_state_dict(conv.state_dict())
     x = torch.randn(1, 4, 2, 6, 6).contiguous(memory_format=CL)
     torch.testing.assert_close(conv(x), plain(x))
+
+
+@pytest.mark.parametrize("backbone", ["resnet3d", "c2fnas"])
+def test_backbones_use_them_and_compute_what_the_plain_modules_compute(backbone):
+    """Every 1x1x1 conv of both backbones is a ``PointwiseConv3d`` (every C2FNAS norm the layout-keeping
+    instance norm), and a whole network gives the same outputs and gradients with them on and off."""
+    from cakes.backbones import C2FNAS, ResNet3d
+    from cakes.ops import Homogeneous
+    from cakes.ops.norm import InstanceNorm3d
+
+    torch.manual_seed(0)
+    if backbone == "resnet3d":
+        net = ResNet3d(operator=Homogeneous("c3d"), depth=50, width=0.125, num_classes=5)
+        x = torch.randn(2, 3, 4, 32, 32)
+    else:
+        net = C2FNAS(operator=Homogeneous("c3d"), width=0.125, num_classes=3)
+        x = torch.randn(1, 1, 32, 32, 32)
+        assert all(type(m) is InstanceNorm3d for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d))
+    pointwise = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (1, 1, 1)]
+    assert pointwise and all(type(m) is PointwiseConv3d for m in pointwise)
+    net = net.double().to(memory_format=CL)
+    x = x.double().contiguous(memory_format=CL)
+
+    def run():
+        torch.manual_seed(1)  # the same dropout masks
+        net.zero_grad()
+        y = net(x)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in net.parameters()]
+
+    y_fast, grads_fast = run()
+    with fast_path(False):
+        y_plain, grads_plain = run()
+    torch.testing.assert_close(y_fast, y_plain)
+    for a, b in zip(grads_fast, grads_plain, strict=True):
+        torch.testing.assert_close(a, b)

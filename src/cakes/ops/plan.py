@@ -296,7 +296,9 @@ def _measure(
 ) -> dict[str, float]:
     """Best seconds of each execution on this input (forward, or forward + backward when gradients
     are needed), interleaved after one warm-up each. Gradients go to fresh tensors (no ``.grad``
-    is touched); CUDA is synchronised around each run (once per key, never in later calls)."""
+    is touched) from an all-ones output gradient (no random draw: timing must not move the global
+    RNG, or a resumed run would draw other dropout masks than an uninterrupted one); CUDA is
+    synchronised around each run (once per key, never in later calls)."""
     train = _needs_grad(x, weights, bias)
     inputs = [t for t in (x, bias, *weights) if t is not None and t.requires_grad] if train else []
     candidates = candidate_executions(x, subs, stride, kernel_size)
@@ -310,7 +312,7 @@ def _measure(
         if train:
             y = EXECUTE[name](x, weights, subs, stride, bias, kernel_size)
             if gy is None:
-                gy = torch.randn_like(y)
+                gy = torch.ones_like(y)
             torch.autograd.grad(y, inputs, gy)
         else:
             with torch.no_grad():
