@@ -9,21 +9,18 @@ batch 1, the network without its slot convolutions trained in 159–172 ms per s
 convolutions as GEMMs instead of 262–273 ms
 (docs/performance.md#pointwise-convolutions-and-instance-norms).
 
-The GEMM runs where the CPU fast path runs (:func:`cakes.ops.cpu.switch.fast_path_applies`: switch
-on, CPU, no FLOP counter or transform active) on a channels-last input, and not while exporting to
-ONNX (the graph keeps a ``Conv``, which onnxruntime fuses with the norm after it). Everywhere else it
-is the plain ``nn.Conv3d``. A strided convolution takes the strided view of its input first.
+The GEMM runs where :func:`cakes.ops.cpu.switch.channels_last_rewrite_applies` (the CPU fast path's
+switch on, CPU, no FLOP counter or transform active, a channels-last input, not exporting to ONNX:
+the graph keeps a ``Conv``, which onnxruntime fuses with the norm after it). Everywhere else it is
+the plain ``nn.Conv3d``. A strided convolution takes the strided view of its input first.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cakes.ops.cpu.switch import fast_path_applies
-
-CL = torch.channels_last_3d
+from cakes.ops.cpu.switch import channels_last_rewrite_applies
 
 
 class PointwiseConv3d(nn.Conv3d):
@@ -37,18 +34,10 @@ class PointwiseConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size=1, stride=stride, bias=bias)
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if not self._runs_as_gemm(x, weight, bias):
+        if not channels_last_rewrite_applies(x, (weight,), bias):
             return super()._conv_forward(x, weight, bias)
         st, sh, sw = self.stride
         if (st, sh, sw) != (1, 1, 1):
             x = x[:, :, ::st, ::sh, ::sw]
         rows = F.linear(x.permute(0, 2, 3, 4, 1), weight.view(self.out_channels, self.in_channels), bias)
         return rows.permute(0, 4, 1, 2, 3)
-
-    @staticmethod
-    def _runs_as_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-        return (
-            fast_path_applies(x, (weight,), bias)
-            and x.is_contiguous(memory_format=CL)
-            and not torch.onnx.is_in_onnx_export()
-        )

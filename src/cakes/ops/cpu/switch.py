@@ -81,3 +81,14 @@ def fast_path_applies(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None)
         and (bias is None or (bias.device.type == "cpu" and bias.dtype == x.dtype))
         and not torch_shim.dispatch_or_transform_active()
     )
+
+
+def channels_last_rewrite_applies(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None) -> bool:
+    """A layout-keeping rewrite of a plain module (:mod:`cakes.ops.pointwise`, :mod:`cakes.ops.norm`)
+    runs this call: :func:`fast_path_applies`, a channels-last input, and no ONNX export tracing (the
+    exported graph keeps the plain operator, which onnxruntime fuses with its neighbours)."""
+    return (
+        fast_path_applies(x, weights, bias)
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and not torch.onnx.is_in_onnx_export()
+    )
