@@ -14,7 +14,7 @@ both have channels-last CPU kernels. On a channels-last 32×64³ input (forward 
 ReLU after it) that is 45 ms instead of 95 ms (docs/performance.md#pointwise-convolutions-and-instance-norms).
 
 The rewrite runs for a norm without running statistics where
-:func:`cakes.ops.cpu.switch.channels_last_rewrite_applies` (fast path on, a channels-last CPU input,
+:func:`cakes.ops.cpu.switch.channels_last_rewrite_applies` holds (fast path on, a channels-last CPU input,
 not exporting to ONNX: the graph keeps ``InstanceNormalization``); everywhere else it is
 ``nn.InstanceNorm3d``.
 """

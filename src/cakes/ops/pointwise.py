@@ -9,10 +9,10 @@ batch 1, the network without its slot convolutions trained in 159–172 ms per s
 convolutions as GEMMs instead of 262–273 ms
 (docs/performance.md#pointwise-convolutions-and-instance-norms).
 
-The GEMM runs where :func:`cakes.ops.cpu.switch.channels_last_rewrite_applies` (the CPU fast path's
-switch on, CPU, no FLOP counter or transform active, a channels-last input, not exporting to ONNX:
-the graph keeps a ``Conv``, which onnxruntime fuses with the norm after it). Everywhere else it is
-the plain ``nn.Conv3d``. A strided convolution takes the strided view of its input first.
+The GEMM runs where :func:`cakes.ops.cpu.switch.channels_last_rewrite_applies` holds (the CPU fast
+path's switch on, CPU, no FLOP counter or transform active, a channels-last input, not exporting to
+ONNX: the graph keeps a ``Conv``, which onnxruntime fuses with the norm after it); everywhere else it
+is the plain ``nn.Conv3d``. A strided convolution takes the strided view of its input first.
 """
 
 from __future__ import annotations
@@ -39,5 +39,5 @@ class PointwiseConv3d(nn.Conv3d):
         st, sh, sw = self.stride
         if (st, sh, sw) != (1, 1, 1):
             x = x[:, :, ::st, ::sh, ::sw]
-        rows = F.linear(x.permute(0, 2, 3, 4, 1), weight.view(self.out_channels, self.in_channels), bias)
+        rows = F.linear(x.permute(0, 2, 3, 4, 1), weight.flatten(1), bias)  # (N, T, H, W, C_out)
         return rows.permute(0, 4, 1, 2, 3)

@@ -3,9 +3,10 @@
 With the switch on (the default), :func:`~cakes.ops.cpu.function.cakes_conv3d` runs the CPU fast path
 wherever :func:`fast_path_applies`; off, it runs the reference form
 (:func:`cakes.ops.reference.grouped_conv3d`: ``F.conv3d`` per group, ``torch.cat``, bias) everywhere —
-same values and gradients, for A/B timing and debugging. The same switch decides whether
-:class:`cakes.ops.pointwise.PointwiseConv3d` (the backbones' 1x1x1 convolutions) runs as one GEMM
-or as a plain ``F.conv3d``. Settings:
+same values and gradients, for A/B timing and debugging. The same switch decides whether the
+layout-keeping rewrites of plain modules run (:func:`channels_last_rewrite_applies`):
+:class:`cakes.ops.pointwise.PointwiseConv3d` (the backbones' 1x1x1 convolutions as one GEMM) and
+:class:`cakes.ops.norm.InstanceNorm3d` (C2FNAS's norms without a layout change). Settings:
 
 * the ``CAKES_FAST_PATH`` environment variable, read at import: ``1``/``on``/``true``/``yes``
   (default) or ``0``/``off``/``false``/``no``;
