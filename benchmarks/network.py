@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -95,6 +94,7 @@ from cakes.ops.subkernel import as_triple  # noqa: E402
 from cakes.profile import profile  # noqa: E402
 from cakes.files import write_atomic  # noqa: E402
 from cakes.figures import save_figure  # noqa: E402
+from cakes.utils import machine_text  # noqa: E402
 
 CL = torch.channels_last_3d
 #: suffix of the baseline timed with plain ``F.conv3d`` convolutions (``plan.using("grouped")``)
@@ -565,9 +565,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     started = load_text()
     fast = "on" if fast_path_enabled() else "off"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()},"
-        f" {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}; {args.warmup} warm-up + "
-        f"{args.reps} interleaved reps, medians; load average {started}",
+        f"{machine_text()}; {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}; "
+        f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average {started}",
         flush=True,
     )
     rows: list[Row] = []
@@ -591,8 +590,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             rows.append(row)
             print(table([row], modes).splitlines()[-1], flush=True)
     settings = (
-        f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}, "
-        f"{args.device}, {args.layout}, {torch.get_num_threads()} threads, width {args.width}, "
+        f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}; "
+        f"{machine_text()}; {args.device}, {args.layout}, width {args.width}, "
         f"CPU fast path {fast}, "
         f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average at start {started}, "
         f"at end {load_text()}"

@@ -26,7 +26,6 @@ with the fast path on and off (``cakes.ops.fast_path``: the reference ``F.conv3d
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from cakes.ops import fast_path, fast_path_enabled, plan, set_fast_path  # noqa: E402
 from cakes.ops.conv import CakesConv3d  # noqa: E402
 from cakes.ops.subkernel import SubKernel  # noqa: E402
+from cakes.utils import machine_text  # noqa: E402
 
 #: name -> (channels, T, H=W); batch is --batch
 SHAPES: dict[str, tuple[int, int, int]] = {
@@ -238,9 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cpu = platform.processor() or platform.machine()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, batch {args.batch}, "
+        f"{machine_text()}, batch {args.batch}, "
         f"{args.warmup} warm-up + {args.reps} interleaved reps, medians, "
         f"conv plan {plan.mode()}, fast path {'on' if fast_path_enabled() else 'off'}"
     )

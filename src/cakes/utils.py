@@ -1,6 +1,6 @@
 """Leaf helpers with no dependency on the rest of ``cakes``: plain-data conversion, where the
-project's ``conf/`` lives, pure seeds, the git commit of the running code, and restoring an
-environment variable after a block.
+project's ``conf/`` lives, pure seeds, the git commit of the running code, the processor it runs
+on, and restoring an environment variable after a block.
 
 Nothing here imports from ``cakes``, so any module may import it without creating a cycle.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,29 @@ def git_commit(cwd: Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``), e.g.
+    ``AMD EPYC`` or ``Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz``: benchmark figures belong to it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_text() -> str:
+    """What a timing depends on, for a benchmark's header: processor, the vector ISA PyTorch's CPU
+    kernels use, torch version, threads and the git commit, e.g. ``AMD EPYC (AVX2), torch 2.13.0+cpu,
+    2 threads, commit 973c4dd…``."""
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model()} ({isa}), torch {torch.__version__}, {torch.get_num_threads()} threads, commit {git_commit()}"
 
 
 @contextmanager
