@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cakes.profile import profile
+from cakes.utils import cpu_model, git_commit
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -107,6 +108,8 @@ def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, tr
         ).macs
     assert 0 < rest < macs[1] and row.slot_mac_ratio == pytest.approx((macs[1] - rest) / (macs[0] - rest))
     saved = json.loads((tmp_path / f"network_{track}.json").read_text())
+    assert f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})" in saved["settings"]  # whose figures
+    assert f"commit {git_commit()}" in saved["settings"]
     times = saved["times"][f"{shape} {net}"]
     baseline = network.TRACKS[track].baseline
     timed = (baseline, net, baseline + network.NATIVE, baseline + network.SLOT_FREE)
