@@ -1,6 +1,9 @@
 """Shared test settings; the OmegaConf resolvers registered once, as the entry points do."""
 
+import os
+
 import pytest
+import torch
 
 from cakes.config import register_resolvers
 
@@ -27,3 +30,16 @@ TINY_VIDEO = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist (``-n 2`` in ``pyproject.toml``) every worker computes on one thread, so the
+    workers share the cores instead of oversubscribing them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first (otherwise in collection order): the workers start the longest runs
+    at once instead of one of them finishing alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
