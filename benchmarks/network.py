@@ -49,7 +49,7 @@ convolutions run as plain ``F.conv3d`` instead of one GEMM (``cakes.ops.pointwis
 path, run the same command with ``on`` and ``off`` (``CAKES_CONV_PLAN=fused`` pins the execution
 plan so both runs time the fused op).
 
-Writes ``<out>/network_<track>.md`` (table, settings, machine load) and ``network_<track>.png``
+Writes ``<out>/network_<track>.md`` (table, settings: processor, ISA, commit, machine load) and ``network_<track>.png``
 (time ratio against MAC ratio, one point per architecture and shape, the diagonal "time = MACs"),
 and ``network_<track>.json`` (every timing) when ``--out`` is given.
 """
@@ -563,9 +563,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     specs = args.shapes or list(track.shapes)
     modes = [*args.modes, *(["onnx"] if args.onnx else [])]
     started = load_text()
+    machine = machine_text()  # once: it runs git
     fast = "on" if fast_path_enabled() else "off"
     print(
-        f"{machine_text()}; {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}; "
+        f"{machine}; {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}; "
         f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average {started}",
         flush=True,
     )
@@ -591,7 +592,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             print(table([row], modes).splitlines()[-1], flush=True)
     settings = (
         f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}; "
-        f"{machine_text()}; {args.device}, {args.layout}, width {args.width}, "
+        f"{machine}; {args.device}, {args.layout}, width {args.width}, "
         f"CPU fast path {fast}, "
         f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average at start {started}, "
         f"at end {load_text()}"

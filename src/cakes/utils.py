@@ -85,8 +85,8 @@ def cpu_model() -> str:
 
 def machine_text() -> str:
     """What a timing depends on, for a benchmark's header: processor, the vector ISA PyTorch's CPU
-    kernels use, torch version, threads and the git commit, e.g. ``AMD EPYC (AVX2), torch 2.13.0+cpu,
-    2 threads, commit 973c4dd…``."""
+    kernels use, torch version, threads and the git commit (:func:`git_commit`), e.g. ``AMD EPYC (AVX2),
+    torch 2.13.0+cpu, 2 threads, commit <40-hex sha>[-dirty]``."""
     import torch
 
     isa = torch.backends.cpu.get_cpu_capability()
