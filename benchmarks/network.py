@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -409,6 +410,12 @@ def load_text() -> str:
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
+def number(value: float, digits: int) -> str:
+    """``value`` to ``digits`` places; ``–`` for ``nan`` (not timed: the native baseline in onnxruntime,
+    one-process runs)."""
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
 def table(rows: list[Row], modes: list[str]) -> str:
     labels = {"train": "train", "eval": "inference", "onnx": "onnxruntime"}
     head = "| shape | arch | MAC ratio |"
@@ -425,12 +432,16 @@ def table(rows: list[Row], modes: list[str]) -> str:
         line = f"| {r.shape} | {r.arch} | {r.mac_ratio:.3f} |"
         for mode in modes:
             base, arch, native, rest = r.ms[mode]
-            line += (
-                f" {base * 1e3:.0f} | {native * 1e3:.0f} | {rest * 1e3:.0f} | {arch * 1e3:.0f} | {r.ratio(mode):.3f} |"
-                f" {r.ratio(mode) / r.mac_ratio:.2f} | {r.native_ratio(mode):.3f} |"
-                f" {r.native_ratio(mode) / r.mac_ratio:.2f} |"
-                f" {r.slot_per_mac(mode):.2f} | {r.bound_per_mac(mode):.2f} |"
-            )
+            cells = [
+                *(number(t * 1e3, 0) for t in (base, native, rest, arch)),
+                number(r.ratio(mode), 3),
+                number(r.ratio(mode) / r.mac_ratio, 2),
+                number(r.native_ratio(mode), 3),
+                number(r.native_ratio(mode) / r.mac_ratio, 2),
+                number(r.slot_per_mac(mode), 2),
+                number(r.bound_per_mac(mode), 2),
+            ]
+            line += "".join(f" {c} |" for c in cells)
         lines.append(line)
     return "\n".join(lines)
 

@@ -169,3 +169,23 @@ def test_native_step_runs_plain_modules_and_the_planned_step_does_not(monkeypatc
     assert gemms == []
     network.step_fn(net, x, target, "eval")()
     assert len(gemms) > 0
+
+
+def test_network_table_marks_untimed_cells_instead_of_printing_nan():
+    """onnxruntime has no native baseline: its cells read ``–``, the timed ones keep their values."""
+    network = load("network")
+    nan = float("nan")
+    row = network.Row(
+        "video",
+        "8x112:1",
+        "ssv1_cakes23d_p",
+        0.8,
+        0.75,
+        {"eval": (0.4, 0.36, 0.6, 0.15), "onnx": (0.3, 0.27, nan, 0.1)},
+    )
+    (cells,) = table_rows(network.table([row], ["eval", "onnx"]))
+    assert "nan" not in " ".join(cells)
+    eval_cells, onnx_cells = cells[3:13], cells[13:23]
+    assert eval_cells[:5] == ["400", "600", "150", "360", "0.900"]
+    assert onnx_cells[1] == "–" and onnx_cells[6:8] == ["–", "–"]  # native base ms, ratio vs native, ÷ MAC vs native
+    assert onnx_cells[4] == "0.900" and onnx_cells[0] == "300"
