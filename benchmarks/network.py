@@ -416,6 +416,18 @@ def number(value: float, digits: int) -> str:
     return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def untimed_as_null(value: Any) -> Any:
+    """``value`` with every ``nan`` (a cell that was not timed) replaced by ``None``, so the saved JSON
+    is strict JSON (``null``; Python's ``NaN`` token is rejected by most other readers)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: untimed_as_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [untimed_as_null(v) for v in value]
+    return value
+
+
 def table(rows: list[Row], modes: list[str]) -> str:
     labels = {"train": "train", "eval": "inference", "onnx": "onnxruntime"}
     head = "| shape | arch | MAC ratio |"
@@ -615,7 +627,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         write_atomic(args.out / f"network_{args.track}.md", text)
         write_atomic(
             args.out / f"network_{args.track}.json",
-            json.dumps({"settings": settings, "rows": [asdict(r) for r in rows], "times": raw}, indent=1),
+            json.dumps(
+                untimed_as_null({"settings": settings, "rows": [asdict(r) for r in rows], "times": raw}),
+                indent=1,
+                allow_nan=False,
+            ),
         )
         title = "ResNet-50 I3D" if args.track == "video" else "C2FNAS"
         plot(rows, modes, args.out / f"network_{args.track}.png", title)

@@ -189,3 +189,5 @@ def test_network_table_marks_untimed_cells_instead_of_printing_nan():
     assert eval_cells[:5] == ["400", "600", "150", "360", "0.900"]
     assert onnx_cells[1] == "–" and onnx_cells[6:8] == ["–", "–"]  # native base ms, ratio vs native, ÷ MAC vs native
     assert onnx_cells[4] == "0.900" and onnx_cells[0] == "300"
+    saved = json.loads(json.dumps(network.untimed_as_null(network.asdict(row)), allow_nan=False))  # strict JSON
+    assert saved["ms"]["onnx"] == [0.3, 0.27, None, 0.1] and saved["ms"]["eval"] == [0.4, 0.36, 0.6, 0.15]
