@@ -300,21 +300,24 @@ def time_interleaved(track: str, names: list[str], shape: tuple[int, ...], args:
 
 
 def plan_record() -> dict[str, list]:
-    """The execution plan this process settled on: per layer key (input shape, groups, gradients),
-    the execution chosen and the best ms of every candidate measured."""
-    timings = plan.timings()
+    """The execution plan this process settled on: per layer key (input shape, groups, gradients) and
+    per 1x1x1 key (input shape, weight shape, stride, gradients), the execution chosen and the best
+    ms of every candidate measured."""
+    timings, pointwise = plan.timings(), plan.pointwise_timings()
+
+    def ms(times: Mapping[str, float]) -> dict[str, float]:
+        return {e: round(t * 1e3, 2) for e, t in times.items()}
+
     return {
         "layers": [
-            [
-                list(key[2]),
-                [list(g) for g in key[6]],
-                key[4],
-                choice,
-                {e: round(t * 1e3, 2) for e, t in timings[key].items()},
-            ]
+            [list(key[2]), [list(g) for g in key[6]], key[4], choice, ms(timings[key])]
             for key, choice in plan.choices().items()
             if key in timings
-        ]
+        ],
+        "pointwise": [
+            [list(key[2]), list(key[5]), list(key[6]), key[4], choice, ms(pointwise[key])]
+            for key, choice in plan.pointwise_choices().items()
+        ],
     }
 
 

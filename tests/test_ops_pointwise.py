@@ -1,7 +1,8 @@
-"""``PointwiseConv3d``: a 1x1x1 ``nn.Conv3d`` that runs as one GEMM on a channels-last CPU input.
+"""``PointwiseConv3d``: a 1x1x1 ``nn.Conv3d`` that can run as one GEMM on a channels-last CPU input.
 
 Whichever way it runs, values and gradients are those of ``F.conv3d`` with its weight; the GEMM runs
-only where it is meant to (channels-last, fast path on, no FLOP counter, not exporting)."""
+only where it is meant to (channels-last, fast path on, no FLOP counter, not exporting), and there
+the execution plan picks it or ``F.conv3d`` per input key."""
 
 from __future__ import annotations
 
@@ -9,11 +10,23 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cakes.ops import fast_path
+from cakes.ops import fast_path, plan
 from cakes.ops.pointwise import PointwiseConv3d
 from cakes.profile import profile
 
 CL = torch.channels_last_3d
+
+
+@pytest.fixture(autouse=True)
+def fresh_plan(monkeypatch):
+    """Each test starts from an empty plan in benchmark mode and restores the mode after."""
+    previous = plan.mode()
+    monkeypatch.setenv(plan.ENV_VAR, previous)
+    plan.configure("benchmark")
+    plan.clear()
+    yield
+    plan.configure(previous)
+    plan.clear()
 
 
 def spy_linear(monkeypatch) -> list[int]:
@@ -28,16 +41,18 @@ def spy_linear(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("execution", plan.POINTWISE_EXECUTIONS)
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
 @pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 2), (2, 1, 2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_and_gradients_match_conv3d(layout, stride, bias, monkeypatch):
+def test_values_and_gradients_match_conv3d(execution, layout, stride, bias, monkeypatch):
+    monkeypatch.setattr(plan, "choose_pointwise", lambda *args: execution)
     calls = spy_linear(monkeypatch)
     torch.manual_seed(0)
     conv = PointwiseConv3d(6, 5, stride=stride, bias=bias).double().to(memory_format=CL)
     x = torch.randn(2, 6, 4, 5, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     y = conv(x)
-    assert len(calls) == (1 if layout is CL else 0)
+    assert len(calls) == (1 if layout is CL and execution == "gemm" else 0)
     plain = torch.nn.Conv3d(6, 5, 1, stride=stride, bias=bias).double().to(memory_format=CL)
     plain.load_state_dict(conv.state_dict())
     ref_x = x.detach().clone().requires_grad_()
@@ -56,6 +71,7 @@ def test_values_and_gradients_match_conv3d(layout, stride, bias, monkeypatch):
 
 
 def test_gradcheck_of_the_gemm():
+    plan.configure("fused")  # a fixed mode: the GEMM
     conv = PointwiseConv3d(3, 4, stride=(1, 2, 2), bias=True).double()
     x = torch.randn(1, 3, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
     assert torch.autograd.gradcheck(conv, (x,))
@@ -117,3 +133,56 @@ def test_backbones_use_them_and_compute_what_the_plain_modules_compute(backbone)
     torch.testing.assert_close(y_fast, y_plain)
     for a, b in zip(grads_fast, grads_plain, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_benchmark_mode_times_both_once_per_key_and_keeps_the_choice(train, monkeypatch):
+    """The first call of a key times ``gemm`` and ``conv3d`` and caches :func:`plan.pick`'s choice
+    (``conv3d`` kept unless ``gemm`` is the margin faster); later calls of that key measure nothing."""
+    torch.manual_seed(0)
+    conv = PointwiseConv3d(8, 6, stride=(1, 2, 2)).to(memory_format=CL)
+    x = torch.randn(1, 8, 2, 6, 6).contiguous(memory_format=CL).requires_grad_(train)
+    ref = F.conv3d(x.detach(), conv.weight.detach(), stride=(1, 2, 2))
+    with torch.set_grad_enabled(train):
+        torch.testing.assert_close(conv(x), ref)
+    (key,) = plan.pointwise_timings()
+    times = plan.pointwise_timings()[key]
+    assert set(times) == set(plan.POINTWISE_EXECUTIONS) and all(0 < t < float("inf") for t in times.values())
+    assert key[4] is train and plan.pointwise_choices() == {key: plan.pick(times, keep="conv3d")}
+    calls = spy_linear(monkeypatch)
+    with torch.set_grad_enabled(train):
+        torch.testing.assert_close(conv(x), ref)
+    assert plan.pointwise_timings() == {key: times}  # no second measurement
+    assert len(calls) == (1 if plan.pointwise_choices()[key] == "gemm" else 0)
+    plan.clear()
+    assert plan.pointwise_choices() == {} and plan.pointwise_timings() == {}
+
+
+@pytest.mark.parametrize("mode", ["deterministic", *plan.EXECUTIONS])
+def test_other_plan_modes_run_the_gemm_without_timing(mode, monkeypatch):
+    calls = spy_linear(monkeypatch)
+    plan.configure(mode)
+    conv = PointwiseConv3d(4, 8)
+    x = torch.randn(1, 4, 2, 3, 3).contiguous(memory_format=CL)
+    torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight))
+    assert len(calls) == 1 and plan.pointwise_timings() == {}
+
+
+def test_deterministic_algorithms_run_the_gemm_without_timing(monkeypatch):
+    calls = spy_linear(monkeypatch)
+    conv = PointwiseConv3d(4, 8)
+    x = torch.randn(1, 4, 2, 3, 3).contiguous(memory_format=CL)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        conv(x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(calls) == 1 and plan.pointwise_timings() == {}
+
+
+def test_pick_keeps_the_plain_execution_within_the_margin():
+    margin = plan.SWITCH_MARGIN
+    assert plan.pick({"gemm": 1.0, "conv3d": 1.0 + margin / 2}, keep="conv3d") == "conv3d"
+    assert plan.pick({"gemm": 1.0, "conv3d": 1.0 + margin * 2}, keep="conv3d") == "gemm"
+    assert plan.pick({"gemm": 1.0, "conv3d": 0.9}, keep="conv3d") == "conv3d"

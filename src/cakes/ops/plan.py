@@ -42,6 +42,11 @@ Settings (:func:`configure`, or the ``CAKES_CONV_PLAN`` environment variable rea
   ``torch.use_deterministic_algorithms(True)``) — no timing: the choice is the fixed
   :func:`rule` of the key, identical on every run and every rank.
 
+The backbones' 1x1x1 convolutions (:class:`~cakes.ops.pointwise.PointwiseConv3d`) have a plan of
+their own on channels-last CPU inputs (:func:`choose_pointwise`): one GEMM (``gemm``) or
+``F.conv3d`` (``conv3d``), timed once per :func:`pointwise_key` in ``benchmark`` mode; every other
+mode runs ``gemm``.
+
 Counters, fake/meta tensors, tracers (``torch.export``, ONNX, ``torch.compile``) and
 ``torch.func`` transforms always get ``fused`` (whose plain per-group form they see), whatever the
 mode: MAC counts stay the closed form of the groups.
@@ -49,9 +54,10 @@ mode: MAC counts stay the closed form of the groups.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -65,6 +71,8 @@ from cakes.ops.subkernel import SubKernel
 from cakes.utils import env_restored
 
 EXECUTIONS = ("fused", "grouped", "dense", "frames", "split")
+#: a 1x1x1 convolution's executions: one matrix product on the channels-last memory, or ``F.conv3d``
+POINTWISE_EXECUTIONS = ("gemm", "conv3d")
 MODES = ("benchmark", "deterministic", *EXECUTIONS)
 ENV_VAR = "CAKES_CONV_PLAN"
 #: timed runs per candidate after one warm-up run; the fastest run counts (noise only adds time)
@@ -125,6 +133,9 @@ class _State:
     cache: dict[PlanKey, str] = {}
     #: key -> {execution: best seconds} of every measurement made (for reports and tests)
     timings: dict[PlanKey, dict[str, float]] = {}
+    #: the same for 1x1x1 convolutions (:func:`choose_pointwise`)
+    pointwise_cache: dict[PlanKey, str] = {}
+    pointwise_timings: dict[PlanKey, dict[str, float]] = {}
 
 
 def configure(mode: str) -> None:
@@ -156,6 +167,8 @@ def clear() -> None:
     """Forget every cached choice and measurement."""
     _State.cache.clear()
     _State.timings.clear()
+    _State.pointwise_cache.clear()
+    _State.pointwise_timings.clear()
 
 
 def choices() -> dict[PlanKey, str]:
@@ -166,6 +179,16 @@ def choices() -> dict[PlanKey, str]:
 def timings() -> dict[PlanKey, dict[str, float]]:
     """Every measurement made: ``{key: {execution: best seconds}}``."""
     return {k: dict(v) for k, v in _State.timings.items()}
+
+
+def pointwise_choices() -> dict[PlanKey, str]:
+    """The cached choices of 1x1x1 convolutions ``{pointwise_key: execution}``."""
+    return dict(_State.pointwise_cache)
+
+
+def pointwise_timings() -> dict[PlanKey, dict[str, float]]:
+    """Every 1x1x1 measurement made: ``{pointwise_key: {execution: best seconds}}``."""
+    return {k: dict(v) for k, v in _State.pointwise_timings.items()}
 
 
 def _needs_grad(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None) -> bool:
@@ -257,15 +280,15 @@ def runs_here(execution: str, x: Tensor, subs: Sequence[SubKernel], stride: tupl
     return True
 
 
-def pick(times: dict[str, float]) -> str:
-    """The fastest execution of one layer's timings, except that the plain per-group ``grouped`` one
-    (what ``nn.Conv3d`` layers run) is kept unless another beats it by :data:`SWITCH_MARGIN`: a choice
+def pick(times: dict[str, float], keep: str = "grouped") -> str:
+    """The fastest execution of one layer's timings, except that ``keep`` — the plain one, what
+    ``nn.Conv3d`` layers run — is kept unless another beats it by :data:`SWITCH_MARGIN`: a choice
     rests on one first-call timing per candidate, and a layer moved off PyTorch's own execution on a
     few percent of timing noise can run slower inside the network (measured at batch 2, where the
     planned C3D ran up to 8 % slower than plain ``F.conv3d`` before this margin)."""
     fastest = min(times, key=times.__getitem__)
-    if "grouped" in times and times["grouped"] <= times[fastest] * (1 + SWITCH_MARGIN):
-        return "grouped"
+    if keep in times and times[keep] <= times[fastest] * (1 + SWITCH_MARGIN):
+        return keep
     return fastest
 
 
@@ -294,36 +317,84 @@ def _measure(
     bias: Tensor | None,
     kernel_size: int,
 ) -> dict[str, float]:
-    """Best seconds of each execution on this input (forward, or forward + backward when gradients
-    are needed), interleaved after one warm-up each. Gradients go to fresh tensors (no ``.grad``
-    is touched) from an all-ones output gradient (no random draw: timing must not move the global
-    RNG, or a resumed run would draw other dropout masks than an uninterrupted one); CUDA is
-    synchronised around each run (once per key, never in later calls)."""
+    """Best seconds of each candidate execution of this layer on this input (:func:`_best_seconds`)."""
     train = _needs_grad(x, weights, bias)
-    inputs = [t for t in (x, bias, *weights) if t is not None and t.requires_grad] if train else []
-    candidates = candidate_executions(x, subs, stride, kernel_size)
+    runs = {
+        name: functools.partial(EXECUTE[name], x, weights, subs, stride, bias, kernel_size)
+        for name in candidate_executions(x, subs, stride, kernel_size)
+    }
+    inputs = [t for t in (x, bias, *weights) if t is not None and t.requires_grad] if train else None
+    return _best_seconds(runs, inputs, x.device)
+
+
+def _best_seconds(
+    runs: Mapping[str, Callable[[], Tensor]], inputs: Sequence[Tensor] | None, device: torch.device
+) -> dict[str, float]:
+    """Best seconds of each run (forward, or forward + backward into ``inputs`` when given),
+    interleaved after one warm-up each. Gradients go to fresh tensors (no ``.grad`` is touched) from
+    an all-ones output gradient (no random draw: timing must not move the global RNG, or a resumed
+    run would draw other dropout masks than an uninterrupted one); CUDA is synchronised around each
+    run (once per key, never in later calls)."""
     gy = None
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run(name: str) -> float:
         nonlocal gy
         sync()
         start = time.perf_counter()
-        if train:
-            y = EXECUTE[name](x, weights, subs, stride, bias, kernel_size)
+        if inputs is not None:
+            y = runs[name]()
             if gy is None:
                 gy = torch.ones_like(y)
             torch.autograd.grad(y, inputs, gy)
         else:
             with torch.no_grad():
-                EXECUTE[name](x, weights, subs, stride, bias, kernel_size)
+                runs[name]()
         sync()
         return time.perf_counter() - start
 
-    best = {name: float("inf") for name in candidates}
+    best = {name: float("inf") for name in runs}
     for rep in range(1 + BENCHMARK_REPS):
-        for name in candidates:
+        for name in runs:
             elapsed = run(name)
             if rep:
                 best[name] = min(best[name], elapsed)
     return best
+
+
+def pointwise_key(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int, int]) -> PlanKey:
+    """What a 1x1x1 convolution's choice depends on: device, dtype, input shape and layout, gradients
+    needed, weight shape, stride, bias."""
+    layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last_3d) else "ncdhw"
+    return (
+        str(x.device),
+        x.dtype,
+        tuple(x.shape),
+        layout,
+        _needs_grad(x, (weight,), bias),
+        tuple(weight.shape),
+        tuple(stride),
+        bias is not None,
+    )
+
+
+def choose_pointwise(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int, int], execute: Callable[[str], Tensor]
+) -> str:
+    """The execution of a 1x1x1 convolution (:class:`~cakes.ops.pointwise.PointwiseConv3d`), one of
+    :data:`POINTWISE_EXECUTIONS`; ``execute(name)`` runs it. In ``benchmark`` mode the first call with
+    a new :func:`pointwise_key` times both and caches the choice (``conv3d``, what ``nn.Conv3d`` runs,
+    is kept unless ``gemm`` is :data:`SWITCH_MARGIN` faster); every other mode, and deterministic
+    algorithms, run ``gemm``."""
+    if _State.mode != "benchmark" or torch.are_deterministic_algorithms_enabled():
+        return "gemm"
+    key = pointwise_key(x, weight, bias, stride)
+    found = _State.pointwise_cache.get(key)
+    if found is None:
+        train = key[4]
+        inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad] if train else None
+        runs = {name: functools.partial(execute, name) for name in POINTWISE_EXECUTIONS}
+        times = _best_seconds(runs, inputs, x.device)
+        _State.pointwise_timings[key] = times
+        found = _State.pointwise_cache[key] = pick(times, keep="conv3d")
+    return found

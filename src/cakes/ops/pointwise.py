@@ -9,17 +9,24 @@ batch 1, the network without its slot convolutions trained in 159–172 ms per s
 convolutions as GEMMs instead of 262–273 ms
 (docs/performance.md#pointwise-convolutions-and-instance-norms).
 
-The GEMM runs where :func:`cakes.ops.cpu.switch.channels_last_rewrite_applies` holds (the CPU fast
+The GEMM can run where :func:`cakes.ops.cpu.switch.channels_last_rewrite_applies` holds (the CPU fast
 path's switch on, CPU, no FLOP counter or transform active, a channels-last input, not exporting to
 ONNX: the graph keeps a ``Conv``, which onnxruntime fuses with the norm after it); everywhere else it
-is the plain ``nn.Conv3d``. A strided convolution takes the strided view of its input first.
+is the plain ``nn.Conv3d``. A strided convolution takes the strided view of its input first. Where it
+can run, the execution plan (:func:`cakes.ops.plan.choose_pointwise`) picks it or the plain
+``F.conv3d`` per input shape: once PyTorch sends the convolution to oneDNN (larger inputs, batch 2),
+oneDNN is the faster of the two for some shapes (docs/performance.md#pointwise-convolutions-and-instance-norms).
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from cakes.ops import plan
 from cakes.ops.cpu.switch import channels_last_rewrite_applies
 
 
@@ -36,6 +43,13 @@ class PointwiseConv3d(nn.Conv3d):
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if not channels_last_rewrite_applies(x, (weight,), bias):
             return super()._conv_forward(x, weight, bias)
+        execute = functools.partial(self._execute, x, weight, bias)
+        return execute(plan.choose_pointwise(x, weight, bias, self.stride, execute))
+
+    def _execute(self, x: Tensor, weight: Tensor, bias: Tensor | None, execution: str) -> Tensor:
+        """One of :data:`cakes.ops.plan.POINTWISE_EXECUTIONS` (``gemm`` | ``conv3d``) on a channels-last CPU input."""
+        if execution == "conv3d":  # PyTorch's slow path returns NCDHW: the next layers get channels-last
+            return super()._conv_forward(x, weight, bias).contiguous(memory_format=torch.channels_last_3d)
         st, sh, sw = self.stride
         if (st, sh, sw) != (1, 1, 1):
             x = x[:, :, ::st, ::sh, ::sw]
