@@ -35,7 +35,10 @@ network takes a larger share of the time than of the MACs.
 A training step is forward + cross-entropy + backward (gradients set to None between steps, no
 optimizer); inference is ``eval()`` under ``no_grad``. ``time ÷ MAC`` is 1.0 when an architecture
 turns its MAC savings fully into time savings. ``--one-process`` instead builds every network of
-the track in ONE process and interleaves them all (the "many models in one process" case).
+the track in ONE process and interleaves them all (the "many models in one process" case); after
+each interleaved round it also runs every network twice in a row and times the second step, so the
+table it appends — interleaved ÷ back-to-back per network — is the cost of sharing the process,
+measured in the same minutes (free of the machine's drift between separate runs).
 
     python benchmarks/network.py --track video --shapes 8x112:1 --reps 5 --out benchmarks/results
     python benchmarks/network.py --track volume --shapes 64:1 96:1 --reps 3
@@ -268,9 +271,17 @@ def targets(track: str, net_out_shape: tuple[int, ...], device: torch.device) ->
     return torch.randint(0, net_out_shape[1], (net_out_shape[0], *net_out_shape[2:]), generator=gen).to(device)
 
 
-def time_interleaved(track: str, names: list[str], shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
+def time_interleaved(
+    track: str, names: list[str], shape: tuple[int, ...], args: argparse.Namespace, back_to_back: bool = False
+) -> dict[str, Any]:
     """``{mode: {network: [seconds per rep]}, "plan": plan_record()}``, every network of ``names`` built
-    here and timed round-robin after ``args.warmup`` untimed rounds."""
+    here and timed round-robin after ``args.warmup`` untimed rounds.
+
+    ``back_to_back`` (the one-process run): each round is followed by one in which every network runs
+    twice in a row and its second step is timed (``result["back_to_back"][mode][network]``): the same
+    network, process and minutes, but with its caches hot from its own step instead of another
+    network's — what it costs when it is the only network stepping. Both are measured in the same
+    minutes, so drift of the machine between runs does not enter their ratio."""
     device = torch.device(args.device)
     fmt = CL if args.layout == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
@@ -289,10 +300,17 @@ def time_interleaved(track: str, names: list[str], shape: tuple[int, ...], args:
             for step in steps.values():
                 timer(step)
         times: dict[str, list[float]] = {name: [] for name in names}
+        alone: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.reps):
             for name, step in steps.items():
                 times[name].append(timer(step))
+            if back_to_back:
+                for name, step in steps.items():
+                    timer(step)  # after the other networks' steps: re-warms this one
+                    alone[name].append(timer(step))
         result[mode] = times
+        if back_to_back:
+            result.setdefault("back_to_back", {})[mode] = alone
         if mode == "eval" and args.onnx:
             result["onnx"] = time_onnx({n: net for n, net in nets.items() if not n.endswith(NATIVE)}, x, args)
     result["plan"] = plan_record()
@@ -461,6 +479,24 @@ def table(rows: list[Row], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def sharing_table(sharing: Mapping[str, Mapping[str, Mapping[str, tuple[list[float], list[float]]]]]) -> str:
+    """Markdown: per shape and network, the median step interleaved with the other networks, the
+    median step run back to back with itself (same process, same minutes) and their ratio, per mode."""
+    modes = list(next(iter(sharing.values())))
+    head = "| shape | network | " + " | ".join(
+        f"{m} interleaved ms | {m} back-to-back ms | {m} ratio" for m in modes
+    )
+    lines = [head + " |", "|---|---|" + "---:|" * (3 * len(modes))]
+    for spec, per_mode in sharing.items():
+        for name in per_mode[modes[0]]:
+            cells = []
+            for m in modes:
+                mixed, alone = (statistics.median(t) for t in per_mode[m][name])
+                cells += [f"{mixed * 1e3:.0f}", f"{alone * 1e3:.0f}", f"{mixed / alone:.3f}"]
+            lines.append(f"| {spec} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
     """Time ratio against MAC ratio, one panel per mode, one point per architecture and shape (filled:
     against the baseline run like the architecture; hollow: against the native baseline; ``x``: the
@@ -598,12 +634,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     rows: list[Row] = []
     raw: dict[str, Any] = {}
+    sharing: dict[str, dict[str, dict[str, tuple[list[float], list[float]]]]] = {}  # one-process runs
     for spec in specs:
         shape = parse_shape(args.track, spec)
         base_macs = macs(args.track, track.baseline, args.width, args.found, shape)
         rest_macs = macs(args.track, track.baseline + SLOT_FREE, args.width, args.found, shape)
         if args.one_process:
-            times = time_interleaved(args.track, [track.baseline, *archs], shape, args)
+            times = time_interleaved(args.track, [track.baseline, *archs], shape, args, back_to_back=True)
+            raw[f"{spec} back_to_back"] = times["back_to_back"]
+            sharing[spec] = {m: {n: (times[m][n], times["back_to_back"][m][n]) for n in times[m]} for m in args.modes}
         for arch in archs:
             pair = times if args.one_process else run_pair(args.track, arch, spec, args)
             raw[f"{spec} {arch}"] = pair
@@ -624,6 +663,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"at end {load_text()}"
     )
     text = f"{settings}\n\n{table(rows, modes)}\n"
+    if sharing:
+        text += f"\n{sharing_table(sharing)}\n"
     print(f"\n{text}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -191,3 +191,30 @@ def test_network_table_marks_untimed_cells_instead_of_printing_nan():
     assert onnx_cells[4] == "0.900" and onnx_cells[0] == "300"
     saved = json.loads(json.dumps(network.untimed_as_null(network.asdict(row)), allow_nan=False))  # strict JSON
     assert saved["ms"]["onnx"] == [0.3, 0.27, None, 0.1] and saved["ms"]["eval"] == [0.4, 0.36, 0.6, 0.15]
+
+
+@pytest.mark.slow
+def test_one_process_run_times_each_network_interleaved_and_back_to_back(tmp_path):
+    """``--one-process``: every network in this process, timed round-robin and back to back with itself;
+    the appended table's ratio is the median interleaved step over the median back-to-back step."""
+    network = load("network")
+    nets = ["C2D", "ssv1_cakes23d_c"]
+    rows = network.main(
+        ["--one-process", "--only", *nets, "--shapes", "2x32:1", "--width", "0.0625", "--reps", "3", "--warmup", "0"]
+        + ["--out", str(tmp_path)]
+    )
+    assert [r.arch for r in rows] == nets
+    saved = json.loads((tmp_path / "network_video.json").read_text())
+    alone = saved["times"]["2x32:1 back_to_back"]
+    mixed = saved["times"]["2x32:1 C2D"]
+    assert set(alone) == {"train", "eval"}
+    text = (tmp_path / "network_video.md").read_text()
+    sharing = [line for line in table_rows(text) if len(line) == 8]  # shape, network, 3 cells per mode
+    assert [line[1] for line in sharing] == ["C3D", *nets]
+    for line in sharing:
+        name = line[1]
+        for mode, cells in (("train", line[2:5]), ("eval", line[5:8])):
+            assert len(alone[mode][name]) == len(mixed[mode][name]) == 3
+            m, a = (sorted(t)[1] for t in (mixed[mode][name], alone[mode][name]))  # medians of 3
+            assert float(cells[0]) == pytest.approx(m * 1e3, abs=0.5) and float(cells[1]) == pytest.approx(a * 1e3, abs=0.5)
+            assert float(cells[2]) == pytest.approx(m / a, abs=5e-4)
