@@ -483,9 +483,7 @@ def sharing_table(sharing: Mapping[str, Mapping[str, Mapping[str, tuple[list[flo
     """Markdown: per shape and network, the median step interleaved with the other networks, the
     median step run back to back with itself (same process, same minutes) and their ratio, per mode."""
     modes = list(next(iter(sharing.values())))
-    head = "| shape | network | " + " | ".join(
-        f"{m} interleaved ms | {m} back-to-back ms | {m} ratio" for m in modes
-    )
+    head = "| shape | network | " + " | ".join(f"{m} interleaved ms | {m} back-to-back ms | {m} ratio" for m in modes)
     lines = [head + " |", "|---|---|" + "---:|" * (3 * len(modes))]
     for spec, per_mode in sharing.items():
         for name in per_mode[modes[0]]:

@@ -216,5 +216,6 @@ def test_one_process_run_times_each_network_interleaved_and_back_to_back(tmp_pat
         for mode, cells in (("train", line[2:5]), ("eval", line[5:8])):
             assert len(alone[mode][name]) == len(mixed[mode][name]) == 3
             m, a = (sorted(t)[1] for t in (mixed[mode][name], alone[mode][name]))  # medians of 3
-            assert float(cells[0]) == pytest.approx(m * 1e3, abs=0.5) and float(cells[1]) == pytest.approx(a * 1e3, abs=0.5)
+            assert float(cells[0]) == pytest.approx(m * 1e3, abs=0.5)
+            assert float(cells[1]) == pytest.approx(a * 1e3, abs=0.5)
             assert float(cells[2]) == pytest.approx(m / a, abs=5e-4)
