@@ -481,16 +481,24 @@ def table(rows: list[Row], modes: list[str]) -> str:
 
 def sharing_table(sharing: Mapping[str, Mapping[str, Mapping[str, tuple[list[float], list[float]]]]]) -> str:
     """Markdown: per shape and network, the median step interleaved with the other networks, the
-    median step run back to back with itself (same process, same minutes) and their ratio, per mode."""
+    median step run back to back with itself (same process, same minutes) and the median over rounds
+    of their ratio (each round's interleaved step over the back-to-back step that followed it), per mode."""
     modes = list(next(iter(sharing.values())))
-    head = "| shape | network | " + " | ".join(f"{m} interleaved ms | {m} back-to-back ms | {m} ratio" for m in modes)
+    head = "| shape | network | " + " | ".join(
+        f"{m} interleaved ms | {m} back-to-back ms | {m} ratio (median per round)" for m in modes
+    )
     lines = [head + " |", "|---|---|" + "---:|" * (3 * len(modes))]
     for spec, per_mode in sharing.items():
         for name in per_mode[modes[0]]:
             cells = []
             for m in modes:
-                mixed, alone = (statistics.median(t) for t in per_mode[m][name])
-                cells += [f"{mixed * 1e3:.0f}", f"{alone * 1e3:.0f}", f"{mixed / alone:.3f}"]
+                mixed, alone = per_mode[m][name]
+                ratio = statistics.median(a / b for a, b in zip(mixed, alone, strict=True))
+                cells += [
+                    f"{statistics.median(mixed) * 1e3:.0f}",
+                    f"{statistics.median(alone) * 1e3:.0f}",
+                    f"{ratio:.3f}",
+                ]
             lines.append(f"| {spec} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
