@@ -479,20 +479,21 @@ def table(rows: list[Row], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def sharing_table(sharing: Mapping[str, Mapping[str, Mapping[str, tuple[list[float], list[float]]]]]) -> str:
-    """Markdown: per shape and network, the median step interleaved with the other networks, the
-    median step run back to back with itself (same process, same minutes) and the median over rounds
-    of their ratio (each round's interleaved step over the back-to-back step that followed it), per mode."""
-    modes = list(next(iter(sharing.values())))
+def sharing_table(one_process: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown from :func:`time_interleaved`'s ``back_to_back`` result per shape: per network, the
+    median step interleaved with the other networks, the median step run back to back with itself
+    (same process, same minutes) and the median over rounds of their ratio (each round's interleaved
+    step over the back-to-back step that followed it), per mode."""
+    modes = list(next(iter(one_process.values()))["back_to_back"])
     head = "| shape | network | " + " | ".join(
         f"{m} interleaved ms | {m} back-to-back ms | {m} ratio (median per round)" for m in modes
     )
     lines = [head + " |", "|---|---|" + "---:|" * (3 * len(modes))]
-    for spec, per_mode in sharing.items():
-        for name in per_mode[modes[0]]:
+    for spec, times in one_process.items():
+        for name in times[modes[0]]:
             cells = []
             for m in modes:
-                mixed, alone = per_mode[m][name]
+                mixed, alone = times[m][name], times["back_to_back"][m][name]
                 ratio = statistics.median(a / b for a, b in zip(mixed, alone, strict=True))
                 cells += [
                     f"{statistics.median(mixed) * 1e3:.0f}",
@@ -640,15 +641,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     rows: list[Row] = []
     raw: dict[str, Any] = {}
-    sharing: dict[str, dict[str, dict[str, tuple[list[float], list[float]]]]] = {}  # one-process runs
+    one_process: dict[str, dict[str, Any]] = {}  # shape -> the one process's timings
     for spec in specs:
         shape = parse_shape(args.track, spec)
         base_macs = macs(args.track, track.baseline, args.width, args.found, shape)
         rest_macs = macs(args.track, track.baseline + SLOT_FREE, args.width, args.found, shape)
         if args.one_process:
-            times = time_interleaved(args.track, [track.baseline, *archs], shape, args, back_to_back=True)
-            raw[f"{spec} back_to_back"] = times["back_to_back"]
-            sharing[spec] = {m: {n: (times[m][n], times["back_to_back"][m][n]) for n in times[m]} for m in args.modes}
+            times = one_process[spec] = time_interleaved(
+                args.track, [track.baseline, *archs], shape, args, back_to_back=True
+            )
         for arch in archs:
             pair = times if args.one_process else run_pair(args.track, arch, spec, args)
             raw[f"{spec} {arch}"] = pair
@@ -669,8 +670,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"at end {load_text()}"
     )
     text = f"{settings}\n\n{table(rows, modes)}\n"
-    if sharing:
-        text += f"\n{sharing_table(sharing)}\n"
+    if one_process:
+        text += f"\n{sharing_table(one_process)}\n"
     print(f"\n{text}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -205,8 +205,8 @@ def test_one_process_run_times_each_network_interleaved_and_back_to_back(tmp_pat
     )
     assert [r.arch for r in rows] == nets
     saved = json.loads((tmp_path / "network_video.json").read_text())
-    alone = saved["times"]["2x32:1 back_to_back"]
-    mixed = saved["times"]["2x32:1 C2D"]
+    mixed = saved["times"]["2x32:1 C2D"]  # the one process's timings, recorded under each network
+    alone = mixed["back_to_back"]
     assert set(alone) == {"train", "eval"}
     text = (tmp_path / "network_video.md").read_text()
     sharing = [line for line in table_rows(text) if len(line) == 8]  # shape, network, 3 cells per mode
