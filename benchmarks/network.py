@@ -60,6 +60,7 @@ and ``network_<track>.json`` (every timing) when ``--out`` is given.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -89,6 +90,7 @@ from cakes.ops import (  # noqa: E402
     Uniform,
     fast_path,
     fast_path_enabled,
+    fold_batch_norms,
     plan,
     set_fast_path,
 )
@@ -264,6 +266,21 @@ def step_fn(
     return pinned
 
 
+def inference_copy(net: nn.Module, fold: bool) -> nn.Module:
+    """``net`` in eval mode, with its batch norms folded into the convolutions before them
+    (:func:`cakes.ops.fold_batch_norms`, a copy) unless ``fold`` is false. In the slot-free network
+    a slot's norm has no convolution to fold into; the folded baseline's slot has no norm left, so
+    the slot-free counterpart drops it."""
+    net = net.eval()
+    if not fold:
+        return net
+    folded = copy.deepcopy(net)
+    for module in folded.modules():
+        if isinstance(module, ConvNorm) and isinstance(module.conv, StridedView):
+            module.norm = nn.Identity()
+    return fold_batch_norms(folded, inplace=True)
+
+
 def targets(track: str, net_out_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     if track == "video":
@@ -290,12 +307,14 @@ def time_interleaved(
     timer = Timer(device)
     result: dict[str, Any] = {}
     for mode in args.modes:
-        for net in nets.values():
-            net.train(mode == "train")
+        if mode == "train":
+            timed = {name: net.train() for name, net in nets.items()}
+        else:
+            timed = {name: inference_copy(net, args.fold) for name, net in nets.items()}
         with torch.no_grad():
-            out_shape = tuple(nets[names[0]](x[:1]).shape)
+            out_shape = tuple(timed[names[0]](x[:1]).shape)
         target = targets(track, (shape[0], *out_shape[1:]), device)
-        steps = {name: step_fn(net, x, target, mode, name.endswith(NATIVE)) for name, net in nets.items()}
+        steps = {name: step_fn(net, x, target, mode, name.endswith(NATIVE)) for name, net in timed.items()}
         for _ in range(args.warmup):
             for step in steps.values():
                 timer(step)
@@ -312,7 +331,7 @@ def time_interleaved(
         if back_to_back:
             result.setdefault("back_to_back", {})[mode] = alone
         if mode == "eval" and args.onnx:
-            result["onnx"] = time_onnx({n: net for n, net in nets.items() if not n.endswith(NATIVE)}, x, args)
+            result["onnx"] = time_onnx({n: net for n, net in timed.items() if not n.endswith(NATIVE)}, x, args)
     result["plan"] = plan_record()
     return result
 
@@ -591,6 +610,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
         default=None,
         help="switch the CPU fast paths: CakesConv3d's and the 1x1x1 GEMM (default: CAKES_FAST_PATH, else on)",
     )
+    parser.add_argument(
+        "--no-fold",
+        dest="fold",
+        action="store_false",
+        help="time inference with the batch norms as modules (default: folded into the convolutions, "
+        "cakes.ops.fold_batch_norms, in every network)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     primitive_cache.raise_capacity()  # before the first convolution (workers inherit it)
@@ -621,6 +647,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         *args.modes,
         *(["--threads", str(args.threads)] if args.threads else []),
         *(["--onnx"] if args.onnx else []),
+        *([] if args.fold else ["--no-fold"]),
     ]
     track = TRACKS[args.track]
     archs = args.only or [n for n in track.networks if n != "found" or args.found]
@@ -635,7 +662,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     machine = machine_text()  # once: it runs git
     fast = "on" if fast_path_enabled() else "off"
     print(
-        f"{machine}; {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}; "
+        f"{machine}; {args.device}, {args.layout}, width {args.width}, CPU fast path {fast}, "
+        f"batch norms {'folded' if args.fold else 'kept'} in inference; "
         f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average {started}",
         flush=True,
     )
@@ -665,7 +693,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     settings = (
         f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}; "
         f"{machine}; {args.device}, {args.layout}, width {args.width}, "
-        f"CPU fast path {fast}, "
+        f"CPU fast path {fast}, batch norms {'folded' if args.fold else 'kept'} in inference, "
         f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average at start {started}, "
         f"at end {load_text()}"
     )

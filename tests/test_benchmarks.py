@@ -109,7 +109,7 @@ def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, tr
     assert 0 < rest < macs[1] and row.slot_mac_ratio == pytest.approx((macs[1] - rest) / (macs[0] - rest))
     saved = json.loads((tmp_path / f"network_{track}.json").read_text())
     assert f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})" in saved["settings"]  # whose figures
-    assert f"commit {git_commit()}" in saved["settings"]
+    assert f"commit {git_commit()}" in saved["settings"] and "batch norms folded in inference" in saved["settings"]
     times = saved["times"][f"{shape} {net}"]
     baseline = network.TRACKS[track].baseline
     timed = (baseline, net, baseline + network.NATIVE, baseline + network.SLOT_FREE)
@@ -169,6 +169,26 @@ def test_native_step_runs_plain_modules_and_the_planned_step_does_not(monkeypatc
     assert gemms == []
     network.step_fn(net, x, target, "eval")()
     assert len(gemms) > 0
+
+
+def test_inference_is_timed_on_folded_copies_of_every_network():
+    """Inference runs each network with its batch norms folded (a copy: training keeps its norms);
+    the slot-free network loses its slots' norms with the slot convolutions they fold into."""
+    network = load("network")
+    from torch import nn
+
+    def norms(net: nn.Module) -> int:
+        return sum(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+
+    x = torch.randn(1, 3, 2, 32, 32)
+    for name in ("C3D", "ssv1_cakes12d_c", "C3D" + network.SLOT_FREE):
+        net = network.build("video", name, 0.125, None)
+        folded = network.inference_copy(net, fold=True)
+        assert folded is not net and norms(folded) == 0 and norms(net) == 53
+        if not name.endswith(network.SLOT_FREE):
+            with torch.no_grad():
+                assert torch.allclose(folded(x), net.eval()(x), atol=1e-6)
+        assert network.inference_copy(net, fold=False) is net and not net.training
 
 
 def test_network_table_marks_untimed_cells_instead_of_printing_nan():

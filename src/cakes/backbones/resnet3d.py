@@ -49,6 +49,9 @@ def _pointwise(in_channels: int, out_channels: int, stride: int = 1) -> Pointwis
 class Bottleneck(nn.Module):
     """``1x1x1 → slot (3x3 op + BN) → 1x1x1`` with identity or projected shortcut."""
 
+    #: convs and the batch norms after them (folded for inference: :func:`cakes.ops.fold.fold_batch_norms`)
+    CONV_NORM_PAIRS = (("conv1", "bn1"), ("conv3", "bn3"))
+
     def __init__(
         self,
         *,
@@ -119,6 +122,8 @@ class ResNet3d(nn.Module):
     """
 
     name = BACKBONE_NAME
+    #: the stem conv and its batch norm (folded for inference: :func:`cakes.ops.fold.fold_batch_norms`)
+    CONV_NORM_PAIRS = (("conv1", "bn1"),)
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 from cakes.ops.conv import CakesConv3d
 from cakes.ops.cpu.switch import fast_path, fast_path_enabled, set_fast_path
+from cakes.ops.fold import fold_batch_norms
 from cakes.ops.factory import ConvNorm, Derived, Homogeneous, OperatorFactory, Uniform, uniform_counts
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d, SubKernelConv3d
 from cakes.ops.search import (
@@ -28,6 +29,7 @@ __all__ = [
     "CakesConv3d",
     "ConvNorm",
     "fast_path",
+    "fold_batch_norms",
     "fast_path_enabled",
     "set_fast_path",
     "Derived",

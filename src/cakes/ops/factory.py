@@ -36,6 +36,9 @@ class ConvNorm(nn.Module):
     ``(N, C_in, T, H, W) -> (N, C_out, T', H', W')``.
     """
 
+    #: the norm follows the conv: folded into it for inference (:func:`cakes.ops.fold.fold_batch_norms`)
+    CONV_NORM_PAIRS = (("conv", "norm"),)
+
     def __init__(self, conv: nn.Module, norm: nn.Module) -> None:
         super().__init__()
         self.conv, self.norm = conv, norm
