@@ -80,7 +80,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.conv2(out))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity  # in place: a fresh output, which no backward needs (one tensor fewer per block)
+        return self.relu(out)
 
 
 class BasicBlock(nn.Module):
@@ -111,8 +112,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.conv1(x))
-        return self.relu(self.conv2(out) + identity)
+        out = self.conv2(self.relu(self.conv1(x)))
+        out += identity  # in place, as in the bottleneck
+        return self.relu(out)
 
 
 class ResNet3d(nn.Module):
