@@ -34,7 +34,8 @@ network takes a larger share of the time than of the MACs.
 
 A training step is forward + cross-entropy + backward (gradients set to None between steps, no
 optimizer); inference is ``eval()`` under ``no_grad``, with every network's batch norms folded into
-the convolutions before them (``cakes.ops.fold_batch_norms``; ``--no-fold`` keeps them). ``time ÷ MAC`` is 1.0 when an architecture
+the convolutions before them (``cakes.ops.fold_batch_norms``; ``--no-fold`` keeps them).
+``time ÷ MAC`` is 1.0 when an architecture
 turns its MAC savings fully into time savings. ``--one-process`` instead builds every network of
 the track in ONE process and interleaves them all (the "many models in one process" case); after
 each interleaved round it also runs every network twice in a row and times the second step, so the
