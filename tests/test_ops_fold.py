@@ -98,6 +98,8 @@ def test_fold_updates_an_existing_bias_and_keeps_channel_order():
         fold_output_affine(conv, scale, shift, "layer")
         got = conv(x)
     assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"CakesConv3d: expected scale and shift of shape \(5,\)"):
+        fold_output_affine(conv, scale[:4], shift[:4], "layer")
 
 
 def test_norm_affine_is_the_eval_batch_norm():

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cakes.ops import plan
+from cakes.ops.fold import fold_into_rows
 from cakes.ops.inflate import inflate_2d_grouped
 from cakes.ops.reference import dense_weight
 from cakes.ops.subkernel import Stride, SubKernel, as_triple, parse_counts
@@ -127,21 +128,9 @@ class CakesConv3d(nn.Module):
 
     def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
         """Make this op return ``scale·op(x) + shift`` per output channel (``(C_out,)`` each, in
-        output-channel order): each group's rows scaled, a bias added or updated (in place, no grad;
+        output-channel order): its groups' rows scaled, a bias added or updated (in place;
         :func:`cakes.ops.fold.fold_batch_norms`)."""
-        if scale.shape != (self.out_channels,) or shift.shape != (self.out_channels,):
-            raise ValueError(
-                f"fold_output_affine: expected scale and shift of shape ({self.out_channels},), "
-                f"got {tuple(scale.shape)} and {tuple(shift.shape)}"
-            )
-        with torch.no_grad():
-            start = 0
-            for sub, n in zip(self.subkernels, self.group_sizes, strict=True):
-                weight = self.weights[sub.name]
-                weight.mul_(scale[start : start + n].view(-1, 1, 1, 1, 1).to(weight))
-                start += n
-            bias = shift.clone() if self.bias is None else self.bias * scale + shift
-            self.bias = nn.Parameter(bias.to(next(iter(self.weights.values()))))
+        fold_into_rows(self, [self.weights[sub.name] for sub in self.subkernels], scale, shift)
 
     def to_dense(self) -> Tensor:
         """The equivalent zero-padded ``(out, in, k, k, k)`` weight (differentiable)."""

@@ -21,6 +21,7 @@ last step. Instance norms (C2FNAS) normalise with each input's own statistics an
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,23 @@ def norm_affine(norm: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
+def fold_into_rows(conv: nn.Module, weights: Sequence[Tensor], scale: Tensor, shift: Tensor) -> None:
+    """Fold ``scale·y + shift`` into a convolution whose output channels are the rows of ``weights``
+    in order (one weight, or a :class:`~cakes.ops.conv.CakesConv3d`'s groups): each row times its
+    ``scale``, and ``conv.bias`` set to ``scale·bias + shift`` (added if there was none). In place."""
+    rows = sum(w.shape[0] for w in weights)
+    if scale.shape != (rows,) or shift.shape != (rows,):
+        raise ValueError(
+            f"{type(conv).__name__}: expected scale and shift of shape ({rows},), "
+            f"got {tuple(scale.shape)} and {tuple(shift.shape)}"
+        )
+    with torch.no_grad():
+        for weight, row_scale in zip(weights, scale.split([w.shape[0] for w in weights]), strict=True):
+            weight.mul_(row_scale.view(-1, *[1] * (weight.dim() - 1)).to(weight))
+        bias = shift.clone() if conv.bias is None else conv.bias * scale + shift
+        conv.bias = nn.Parameter(bias.to(weights[0]))
+
+
 def fold_output_affine(conv: nn.Module, scale: Tensor, shift: Tensor, where: str) -> None:
     """Make ``conv(x)`` return ``scale·conv(x) + shift`` per output channel (in place, no grad).
 
@@ -57,9 +75,7 @@ def fold_output_affine(conv: nn.Module, scale: Tensor, shift: Tensor, where: str
             return
         weight = getattr(conv, "weight", None)
         if isinstance(weight, nn.Parameter) and hasattr(conv, "bias") and weight.shape[0] == scale.shape[0]:
-            weight.mul_(scale.view(-1, *[1] * (weight.dim() - 1)).to(weight))
-            bias = shift.clone() if conv.bias is None else conv.bias * scale + shift
-            conv.bias = nn.Parameter(bias.to(weight))
+            fold_into_rows(conv, [weight], scale, shift)
             return
     raise TypeError(
         f"{where}: cannot fold a batch norm of {scale.shape[0]} channels into {type(conv).__name__} "
