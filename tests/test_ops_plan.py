@@ -121,11 +121,26 @@ def test_real_measurement_times_every_candidate_without_touching_grads():
     assert torch.equal(torch.get_rng_state(), rng_before)  # timing draws nothing: resumed runs draw alike
     assert all(p.grad is None for p in op.parameters()) and x.grad is None
     (key, times), (inner_key, inner_times) = sorted(plan.timings().items(), key=lambda kv: -len(kv[0][6]))
-    assert key[4] is True and set(times) == set(plan.EXECUTIONS) and all(0 < t < 60 for t in times.values())
+    training = set(plan.EXECUTIONS) - {"packed"}  # packed weights are for inference only
+    assert key[4] is True and set(times) == training and all(0 < t < 60 for t in times.values())
     assert plan.choices()[key] == plan.pick(times)
     assert inner_key[6] == (("3x3x3", 16),) and "dense" not in inner_times  # what "dense" ran as
     y.sum().backward()  # the chosen execution's graph is intact
     assert x.grad is not None and all(p.grad is not None for p in op.parameters())
+
+
+def test_inference_measurement_also_times_packed_weights():
+    torch.manual_seed(3)
+    op = CakesConv3d(8, {"3x3x3": 5, "1x3x3": 6, "3x1x1": 5}, bias=True).to(memory_format=CL)
+    x = torch.randn(1, 8, 4, 6, 6).contiguous(memory_format=CL)
+    with torch.no_grad():
+        y = op(x)
+        (key, times), _ = sorted(plan.timings().items(), key=lambda kv: -len(kv[0][6]))
+        assert key[4] is False and set(times) == set(plan.EXECUTIONS)
+        assert plan.choices()[key] == plan.pick(times)
+        torch.testing.assert_close(y, dense_reference(op, x), atol=1e-5, rtol=1e-5)
+        assert "packed" not in plan.candidate_executions(x.contiguous(), op.subkernels, op.stride, 3)  # NCDHW
+        assert "packed" not in plan.candidate_executions(x, op.subkernels, op.stride, 3, needs_grad=True)
 
 
 def test_pick_keeps_the_plain_execution_unless_another_is_clearly_faster():

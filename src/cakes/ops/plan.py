@@ -19,6 +19,10 @@ A heterogeneous convolution can run in several ways that compute the same functi
   halves along the first axis (halo frames included), per-group ``F.conv3d``: the groups' exact MACs
   on oneDNN's path, which PyTorch does not take for small batch-1 CPU inputs (benchmarked on CPU at
   batch 1 only; even length and stride 1 along that axis — elsewhere a forced ``split`` runs ``fused``).
+* ``packed`` — :func:`~cakes.ops.cpu.packed.packed_conv3d`, inference only: each group's weight
+  packed once into oneDNN's layout and cached, then one oneDNN convolution per group at any batch
+  size, bias fused (channels-last float32 CPU inputs with no gradient needed — elsewhere a forced
+  ``packed`` runs ``fused``).
 
 Which is fastest depends on the layer (widths, mix of sub-kernels), the input shape and layout,
 the device and whether gradients are needed: grouped convolutions save MACs but oneDNN/cuDNN run
@@ -36,8 +40,8 @@ Settings (:func:`configure`, or the ``CAKES_CONV_PLAN`` environment variable rea
 ``conv_plan=…`` in the train/search configs sets both):
 
 * ``benchmark`` — measure once per key, cache (default);
-* ``fused`` | ``grouped`` | ``dense`` | ``frames`` | ``split`` — always that execution (``fused`` = no plan: the
-  behaviour before plans existed);
+* ``fused`` | ``grouped`` | ``dense`` | ``frames`` | ``split`` | ``packed`` — always that execution
+  (``fused`` = no plan: the behaviour before plans existed);
 * ``deterministic=True`` (``CAKES_CONV_PLAN=deterministic``; also implied by
   ``torch.use_deterministic_algorithms(True)``) — no timing: the choice is the fixed
   :func:`rule` of the key, identical on every run and every rank.
@@ -65,12 +69,13 @@ from torch import Tensor
 
 from cakes.ops.cpu import torch_shim
 from cakes.ops import frames, time_split
+from cakes.ops.cpu import packed
 from cakes.ops.cpu.function import cakes_conv3d
 from cakes.ops.reference import dense_weight, grouped_conv3d
 from cakes.ops.subkernel import SubKernel
 from cakes.utils import env_restored
 
-EXECUTIONS = ("fused", "grouped", "dense", "frames", "split")
+EXECUTIONS = ("fused", "grouped", "dense", "frames", "split", "packed")
 #: a 1x1x1 convolution's executions: one matrix product on the channels-last memory, or ``F.conv3d``
 POINTWISE_EXECUTIONS = ("gemm", "conv3d")
 MODES = ("benchmark", "deterministic", *EXECUTIONS)
@@ -98,6 +103,8 @@ def _dense(x, weights, subs, stride, bias, kernel_size):
     full = [SubKernel((kernel_size,) * 3, kernel_size)]
     dense = [dense_weight(weights, subs, kernel_size)]
     inner = choose(x, dense, full, stride, bias, kernel_size)  # as the all-3D layer of this shape runs
+    if inner == "packed":  # the padded weight built and packed once, not per call
+        return packed.packed_dense_conv3d(x, weights, subs, stride, bias, kernel_size)
     if inner == "dense":  # forced dense mode or the deterministic rule: a one-group layer has nothing to pad
         inner = "grouped"
     return EXECUTE[inner](x, dense, full, stride, bias, kernel_size)
@@ -111,6 +118,13 @@ def _split(x, weights, subs, stride, bias, kernel_size):
     return time_split.time_split_conv3d(x, weights, subs, stride, bias)
 
 
+def _packed(x, weights, subs, stride, bias, kernel_size):
+    mismatched = any(w.dtype != x.dtype for w in weights)
+    if mismatched or not packed.applies(x, _needs_grad(x, weights, bias)):  # called where it cannot run
+        return cakes_conv3d(x, weights, subs, stride, bias)
+    return packed.packed_conv3d(x, weights, subs, stride, bias)
+
+
 #: execution name -> ``fn(x, weights, subs, stride, bias, kernel_size) -> y``, all the same function
 EXECUTE: dict[str, Execute] = {
     "fused": _fused,
@@ -118,6 +132,7 @@ EXECUTE: dict[str, Execute] = {
     "dense": _dense,
     "frames": _frames,
     "split": _split,
+    "packed": _packed,
 }
 
 
@@ -164,11 +179,12 @@ def mode() -> str:
 
 
 def clear() -> None:
-    """Forget every cached choice and measurement."""
+    """Forget every cached choice and measurement, and every packed weight."""
     _State.cache.clear()
     _State.timings.clear()
     _State.pointwise_cache.clear()
     _State.pointwise_timings.clear()
+    packed.clear()
 
 
 def choices() -> dict[PlanKey, str]:
@@ -242,7 +258,7 @@ def choose(
         return "fused"
     current = _State.mode
     if current in EXECUTIONS:
-        return current if runs_here(current, x, subs, stride) else "fused"
+        return current if runs_here(current, x, subs, stride, _needs_grad(x, weights, bias)) else "fused"
     if current == "deterministic" or torch.are_deterministic_algorithms_enabled():
         return rule(subs, weights, kernel_size)
     key = plan_key(x, weights, subs, stride, bias)
@@ -270,13 +286,18 @@ def run(
     return EXECUTE[execution](x, weights, subs, stride, bias, kernel_size)
 
 
-def runs_here(execution: str, x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int]) -> bool:
+def runs_here(
+    execution: str, x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int], needs_grad: bool = False
+) -> bool:
     """Whether ``execution`` can run this call: ``frames`` needs unit stride along the first axis,
-    ``split`` also an even length; the others run anywhere."""
+    ``split`` also an even length, ``packed`` a channels-last float32 CPU input and no gradient
+    (:func:`cakes.ops.cpu.packed.applies`); the others run anywhere."""
     if execution == "frames":
         return frames.supports(subs, stride)
     if execution == "split":
         return time_split.supports(x, stride)
+    if execution == "packed":
+        return packed.applies(x, needs_grad)
     return True
 
 
@@ -293,11 +314,12 @@ def pick(times: dict[str, float], keep: str = "grouped") -> str:
 
 
 def candidate_executions(
-    x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int], kernel_size: int
+    x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int], kernel_size: int, needs_grad: bool = False
 ) -> list[str]:
     """The executions ``benchmark`` mode times for this layer: off CPU ``fused`` is ``grouped``; a single
     full-kernel group is its own ``dense``; ``frames`` needs unit stride along the first axis; ``split``
-    is for batch-1 CPU inputs of even length (what PyTorch's CPU heuristic sends off oneDNN)."""
+    is for batch-1 CPU inputs of even length (what PyTorch's CPU heuristic sends off oneDNN);
+    ``packed`` for inference calls on channels-last float32 CPU inputs."""
     cpu = x.device.type == "cpu"
     candidates = ["fused", "grouped", "dense"] if cpu else ["grouped", "dense"]
     if len(subs) == 1 and subs[0].size == (kernel_size,) * 3:
@@ -306,6 +328,8 @@ def candidate_executions(
         candidates.append("frames")
     if cpu and x.shape[0] == 1 and runs_here("split", x, subs, stride):
         candidates.append("split")
+    if runs_here("packed", x, subs, stride, needs_grad):
+        candidates.append("packed")
     return candidates
 
 
@@ -321,7 +345,7 @@ def _measure(
     train = _needs_grad(x, weights, bias)
     runs = {
         name: functools.partial(EXECUTE[name], x, weights, subs, stride, bias, kernel_size)
-        for name in candidate_executions(x, subs, stride, kernel_size)
+        for name in candidate_executions(x, subs, stride, kernel_size, train)
     }
     inputs = [t for t in (x, bias, *weights) if t is not None and t.requires_grad] if train else None
     return _best_seconds(runs, inputs, x.device)

@@ -18,7 +18,10 @@ default device, dtype or grad mode at import):
 * ``torch.ops.aten.convolution_backward`` — the input and weight gradients of a small convolution
   equal autograd's;
 * ``torch.ops.mkldnn._convolution_pointwise_.binary`` (``"add"``) — adds a small convolution into
-  its accumulator in place, equal to ``F.conv2d(x, w) + acc``.
+  its accumulator in place, equal to ``F.conv2d(x, w) + acc``;
+* ``torch.ops.mkldnn._reorder_convolution_weight`` + ``torch.ops.mkldnn._convolution_pointwise``
+  (optional, inference only) — a weight packed once into oneDNN's blocked layout, then a strided,
+  padded channels-last 3-D convolution with bias, equal to ``F.conv3d`` (:data:`packed_convolution`).
 """
 
 from __future__ import annotations
@@ -114,6 +117,26 @@ def _mkldnn_convolution_add_op() -> Callable | None:
     return packet.binary
 
 
+def _probe_packed_convolution() -> bool:
+    """Whether oneDNN convolves a channels-last 3-D input with a weight packed beforehand, equal to
+    ``F.conv3d`` (stride, padding and bias included); logged at debug level when not: an optional kernel."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x = _probe_tensor(1, 2, 2, 3, 3, scale=0.1).contiguous(memory_format=torch.channels_last_3d)
+    w, b = _probe_tensor(3, 2, 1, 3, 1, scale=0.01), _probe_tensor(3)
+    try:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 1, 0], [1, 2, 1], [1, 1, 1], 1, list(x.shape))
+        out = torch.ops.mkldnn._convolution_pointwise(x, packed, b, [0, 1, 0], [1, 2, 1], [1, 1, 1], 1, "none", [], "")
+    except (AttributeError, RuntimeError, TypeError) as error:
+        log.debug("mkldnn packed convolution unusable (%r): no packed execution", error)
+        return False
+    want = F.conv3d(x, w, b, stride=(1, 2, 1), padding=(0, 1, 0))
+    if out.shape != want.shape or not torch.allclose(out, want, atol=1e-5):
+        log.debug("mkldnn packed convolution differs from F.conv3d: no packed execution")
+        return False
+    return True
+
+
 def _check() -> str | None:
     """Run every required probe; the first failure's reason, or ``None``."""
     if _torch_minor() != TESTED_TORCH:
@@ -171,3 +194,21 @@ def _convolution_add(acc: Tensor, x: Tensor, w: Tensor, padding: list[int]) -> T
 convolution_add_: Callable[[Tensor, Tensor, Tensor, list[int]], Tensor] | None = (
     _convolution_add if _MKLDNN_CONVOLUTION_ADD is not None else None
 )
+
+
+#: whether :func:`pack_convolution_weight` / :func:`convolve_packed` can run in this build
+PACKED_CONVOLUTION: bool = SUPPORTED and _probe_packed_convolution()
+
+
+def pack_convolution_weight(w: Tensor, padding: list[int], stride: list[int], input_shape: list[int]) -> Tensor:
+    """``w`` (``(out, in, t, h, w)``, float32) reordered once into oneDNN's layout for inputs of
+    ``input_shape``: an opaque tensor that only :func:`convolve_packed` reads."""
+    return torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, [1] * len(stride), 1, input_shape)
+
+
+def convolve_packed(x: Tensor, packed: Tensor, bias: Tensor | None, padding: list[int], stride: list[int]) -> Tensor:
+    """``F.conv3d(x, w, bias, stride, padding)`` for the weight ``packed`` was made from
+    (:func:`pack_convolution_weight`), on oneDNN whatever the batch size; channels-last in and out.
+    Not differentiable in the weight: inference only."""
+    one = [1] * len(stride)
+    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, one, 1, "none", [], "")

@@ -1,0 +1,145 @@
+"""Inference with weights packed once: the ``packed`` execution of :mod:`cakes.ops.plan`.
+
+PyTorch's eager CPU convolution reorders its weight into oneDNN's blocked layout on every call,
+and sends batch-1 3-D inputs to a slow non-oneDNN path. In inference the weights do not change, so
+this execution packs each group's weight once (:func:`~cakes.ops.cpu.torch_shim.pack_convolution_weight`)
+and runs every group as one oneDNN convolution with its bias fused
+(:func:`~cakes.ops.cpu.torch_shim.convolve_packed`), then concatenates the groups. Measured gains
+are in docs/performance.md#packed-weights-for-inference.
+
+The packed copies are cached per source weight (by identity, checked through a weak reference so a
+freed tensor's address can never match) and per input shape, stride and padding. An entry is
+stale — and repacked — once its weight changes in place (its ``_version`` moves: an optimiser step,
+``load_state_dict``, batch-norm folding) or its storage is swapped (``param.data = …``); it is
+dropped when the weight is freed. Only for channels-last float32 CPU inputs with no gradient
+needed (:func:`applies`); everything else runs another execution.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cakes.ops.cpu import torch_shim
+from cakes.ops.cpu.switch import fast_path_enabled
+from cakes.ops.reference import dense_weight
+from cakes.ops.subkernel import SubKernel
+
+#: packed forms of one weight: (input shape, stride, padding) -> opaque oneDNN tensor
+_Forms = dict[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], Tensor]
+#: what a packed weight is made from: its source tensors' identities
+_Key = tuple[int, ...]
+
+
+@dataclass
+class _Entry:
+    sources: tuple[weakref.ref, ...]
+    state: tuple[tuple[int, int], ...]  # (version, data pointer) of each source when packed
+    forms: _Forms = field(default_factory=dict)
+
+
+_CACHE: dict[_Key, _Entry] = {}
+
+
+def clear() -> None:
+    """Forget every packed weight (they are repacked on their next call)."""
+    _CACHE.clear()
+
+
+def packed_count() -> int:
+    """How many packed copies are cached, over every weight and form (for tests and diagnostics)."""
+    return sum(len(entry.forms) for entry in _CACHE.values())
+
+
+def applies(x: Tensor, needs_grad: bool) -> bool:
+    """Whether the packed execution can run: the CPU fast-path switch is on
+    (:func:`cakes.ops.set_fast_path`), oneDNN's packed convolution works in this build, and ``x`` is a
+    channels-last float32 5-D CPU tensor in a call that needs no gradient (the weights must match it:
+    :func:`packed_conv3d` checks)."""
+    return (
+        fast_path_enabled()
+        and torch_shim.PACKED_CONVOLUTION
+        and not needs_grad
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 5
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+
+
+def _forget(key: _Key) -> None:
+    _CACHE.pop(key, None)
+
+
+def packed_weight(
+    sources: Sequence[Tensor],
+    build: Callable[[], Tensor],
+    input_shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+) -> Tensor:
+    """The packed copy of the weight ``build()`` makes from ``sources`` (the weight itself, or the
+    groups a zero-padded weight is made of) for this input shape and geometry; built and packed now
+    if it is missing or any source changed since."""
+    key = tuple(id(t) for t in sources)
+    state = tuple((t._version, t.data_ptr()) for t in sources)
+    entry = _CACHE.get(key)
+    if (
+        entry is None
+        or entry.state != state
+        or any(ref() is not t for ref, t in zip(entry.sources, sources, strict=True))
+    ):
+        refs = tuple(weakref.ref(t, lambda _, k=key: _forget(k)) for t in sources)
+        entry = _CACHE[key] = _Entry(refs, state)
+    form = (input_shape, stride, padding)
+    packed = entry.forms.get(form)
+    if packed is None:
+        with torch.no_grad():
+            weight = build()
+        packed = entry.forms[form] = torch_shim.pack_convolution_weight(
+            weight, list(padding), list(stride), list(input_shape)
+        )
+    return packed
+
+
+def packed_conv3d(
+    x: Tensor, weights: Sequence[Tensor], subs: Sequence[SubKernel], stride: tuple[int, int, int], bias: Tensor | None
+) -> Tensor:
+    """Same values as :func:`~cakes.ops.reference.grouped_conv3d`, with every group's weight packed
+    once (inference only: see :func:`applies`).
+
+    ``x``: ``(N, C_in, T, H, W)`` channels-last; ``weights[i]``: ``(n_i, C_in, *subs[i].size)``;
+    ``bias``: ``(C_out,)``. Output ``(N, C_out, T', H', W')`` channels-last, channels in group order.
+    """
+    if any(w.dtype != x.dtype or w.device != x.device for w in weights):
+        raise TypeError(f"packed_conv3d: weights must be {x.dtype} on {x.device} like the input")
+    shape, outputs, start = tuple(x.shape), [], 0
+    for w, sub in zip(weights, subs, strict=True):
+        stop = start + w.shape[0]
+        packed = packed_weight((w,), w.detach, shape, tuple(stride), tuple(sub.padding))
+        group_bias = None if bias is None else bias.detach()[start:stop]
+        outputs.append(torch_shim.convolve_packed(x, packed, group_bias, list(sub.padding), list(stride)))
+        start = stop
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def packed_dense_conv3d(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    subs: Sequence[SubKernel],
+    stride: tuple[int, int, int],
+    bias: Tensor | None,
+    kernel_size: int,
+) -> Tensor:
+    """The groups as ONE ``kxkxk`` convolution with their zero-padded weight
+    (:func:`~cakes.ops.reference.dense_weight`), built and packed once while the groups are unchanged
+    (what the all-3D layer of this shape costs when it runs packed). Shapes as :func:`packed_conv3d`."""
+    padding = (kernel_size // 2,) * 3
+    packed = packed_weight(
+        tuple(weights), lambda: dense_weight(weights, subs, kernel_size), tuple(x.shape), tuple(stride), padding
+    )
+    return torch_shim.convolve_packed(x, packed, None if bias is None else bias.detach(), list(padding), list(stride))

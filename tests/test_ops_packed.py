@@ -1,0 +1,153 @@
+"""The ``packed`` execution (``cakes.ops.cpu.packed``): inference with each group's weight packed once
+into oneDNN's layout. Same values as the dense form; the cache never serves a stale weight (changed
+in place, storage swapped, folded) and forgets freed ones; it runs only where it applies."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from cakes.ops import CakesConv3d, fold_batch_norms, plan
+from cakes.ops.cpu.switch import fast_path
+from cakes.ops.cpu import packed, torch_shim
+from test_ops_conv_fastpath import CL, dense_reference
+
+pytestmark = pytest.mark.skipif(
+    not torch_shim.PACKED_CONVOLUTION, reason="this torch build has no oneDNN packed convolution"
+)
+
+
+@pytest.fixture(autouse=True)
+def packed_mode(monkeypatch):
+    previous = plan.mode()
+    monkeypatch.setenv(plan.ENV_VAR, previous)
+    plan.configure("packed")
+    plan.clear()
+    yield
+    plan.configure(previous)
+    plan.clear()
+
+
+def _op(counts, stride=1, bias=True, seed=0) -> CakesConv3d:
+    torch.manual_seed(seed)
+    return CakesConv3d(6, counts, stride=stride, bias=bias).to(memory_format=CL).eval()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("stride", [1, (1, 2, 2), 2], ids=str)
+@pytest.mark.parametrize(
+    "counts",
+    [{"3x3x3": 7}, {"1x3x3": 4, "3x1x1": 5}, {"3x3x3": 2, "1x3x3": 3, "3x1x1": 4}, {"1x1x3": 3, "3x3x1": 2}],
+    ids=lambda c: "+".join(c),
+)
+def test_packed_values_equal_the_dense_form(counts, stride, batch):
+    op = _op(counts, stride, bias=batch == 1, seed=batch)
+    x = torch.randn(batch, 6, 5, 7, 6).contiguous(memory_format=CL)
+    with torch.no_grad():
+        assert plan.choose(x, list(op.weights.values()), op.subkernels, op.stride, op.bias, 3) == "packed"
+        y = op(x)
+        assert y.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(y, dense_reference(op, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(op(x), y, atol=0, rtol=0)  # the cached copies give the same result
+
+
+def test_each_weight_is_packed_once_and_reused():
+    op = _op({"1x3x3": 4, "3x1x1": 5})
+    x = torch.randn(1, 6, 4, 5, 5).contiguous(memory_format=CL)
+
+    def packed_copies() -> list[torch.Tensor]:
+        return [
+            packed.packed_weight((w,), w.detach, tuple(x.shape), (1, 1, 1), sub.padding)
+            for w, sub in ((op.weights[sub.name], sub) for sub in op.subkernels)
+        ]
+
+    with torch.no_grad():
+        op(x)
+        first = packed_copies()
+        op(x)
+        again = packed_copies()
+        assert packed.packed_count() == 2  # no other form made: the op ran these
+    assert packed.packed_count() == 2 and all(a is b for a, b in zip(first, again, strict=True))
+
+
+def test_a_weight_changed_in_place_or_swapped_is_repacked():
+    op = _op({"3x3x3": 3, "1x3x3": 4})
+    x = torch.randn(1, 6, 4, 5, 5).contiguous(memory_format=CL)
+    with torch.no_grad():
+        op(x)
+        op.weights["1x3x3"].mul_(-2.0)  # an optimiser step, load_state_dict: the version moves
+        torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
+        op.weights["3x3x3"].data = torch.randn_like(op.weights["3x3x3"])  # new storage, version may not move
+        torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
+
+
+def test_folding_batch_norms_in_place_repacks_the_folded_weights():
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(_op({"1x3x3": 4, "3x1x1": 5}, bias=False), torch.nn.BatchNorm3d(9)).eval()
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 6, 4, 5, 5).contiguous(memory_format=CL)
+    with torch.no_grad():
+        want = net(x)  # packs the unfolded weights
+        fold_batch_norms(net, inplace=True)
+        torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_freed_weights_are_forgotten():
+    op = _op({"1x3x3": 4, "3x1x1": 5})
+    with torch.no_grad():
+        op(torch.randn(1, 6, 4, 5, 5).contiguous(memory_format=CL))
+    assert packed.packed_count() == 2
+    del op
+    gc.collect()
+    assert packed.packed_count() == 0
+
+
+def test_packed_runs_only_for_channels_last_float32_inference():
+    op = _op({"1x3x3": 4, "3x1x1": 5})
+    weights = list(op.weights.values())
+    x = torch.randn(1, 6, 4, 5, 5).contiguous(memory_format=CL)
+    assert plan.choose(x, weights, op.subkernels, op.stride, op.bias, 3) == "fused"  # gradients needed
+    with torch.no_grad():
+        assert plan.choose(x.contiguous(), weights, op.subkernels, op.stride, op.bias, 3) == "fused"  # NCDHW
+        assert plan.choose(x.double(), weights, op.subkernels, op.stride, op.bias, 3) == "fused"
+    y = op(x.requires_grad_(True))  # forced packed with gradients: the fused execution, gradients intact
+    y.sum().backward()
+    assert x.grad is not None and all(w.grad is not None for w in weights)
+    assert packed.packed_count() == 0
+
+
+def test_dense_runs_packed_like_the_all_3d_layer_and_packs_its_padded_weight_once(monkeypatch):
+    """Where the all-3D layer of a shape runs packed, ``dense`` does too, with the zero-padded weight
+    built and packed once per change of the groups (not per call: C3D's cost)."""
+
+    def measure(x, weights, subs, stride, bias, kernel_size):
+        return {"grouped": 2.0, "packed": 1.0} if len(subs) == 1 else {"fused": 3.0, "dense": 1.0}
+
+    monkeypatch.setattr(plan, "_measure", measure)
+    plan.configure("benchmark")
+    op = _op({"3x3x3": 2, "1x3x3": 3, "3x1x1": 4}, stride=(1, 2, 2))
+    weights = [op.weights[sub.name] for sub in op.subkernels]  # in group order, as the plan passes them
+    x = torch.randn(1, 6, 4, 6, 6).contiguous(memory_format=CL)
+    with torch.no_grad():
+        torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
+        assert set(plan.choices().values()) == {"dense", "packed"} and packed.packed_count() == 1
+
+        def unbuilt() -> torch.Tensor:
+            raise AssertionError("the padded weight was rebuilt although no group changed")
+
+        again = packed.packed_weight(tuple(weights), unbuilt, tuple(x.shape), (1, 2, 2), (1, 1, 1))
+        assert again is packed.packed_weight(tuple(weights), unbuilt, tuple(x.shape), (1, 2, 2), (1, 1, 1))
+        weights[2].add_(1.0)  # one group changes: rebuilt and repacked
+        torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_fast_path_switch_turns_packed_weights_off():
+    op = _op({"1x3x3": 4, "3x1x1": 5})
+    x = torch.randn(1, 6, 4, 5, 5).contiguous(memory_format=CL)
+    with torch.no_grad(), fast_path(False):
+        assert "packed" not in plan.candidate_executions(x, op.subkernels, op.stride, 3)
+        torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
+    assert packed.packed_count() == 0
