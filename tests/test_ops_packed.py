@@ -151,3 +151,12 @@ def test_the_fast_path_switch_turns_packed_weights_off():
         assert "packed" not in plan.candidate_executions(x, op.subkernels, op.stride, 3)
         torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
     assert packed.packed_count() == 0
+
+
+def test_inputs_of_many_shapes_keep_only_the_latest_forms_per_weight():
+    op = _op({"3x3x3": 3})
+    with torch.no_grad():
+        for frames in range(2, 4 + packed.MAX_FORMS):
+            x = torch.randn(1, 6, frames, 5, 5).contiguous(memory_format=CL)
+            torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
+    assert packed.packed_count() == packed.MAX_FORMS

@@ -8,7 +8,8 @@ and runs every group as one oneDNN convolution with its bias fused
 are in docs/performance.md#packed-weights-for-inference.
 
 The packed copies are cached per source weight (by identity, checked through a weak reference so a
-freed tensor's address can never match) and per input shape, stride and padding. An entry is
+freed tensor's address can never match) and per input shape, stride and padding (the latest
+:data:`MAX_FORMS` of them per weight). An entry is
 stale — and repacked — once its weight changes in place (its ``_version`` moves: an optimiser step,
 ``load_state_dict``, batch-norm folding) or its storage is swapped (``param.data = …``); it is
 dropped when the weight is freed. Only for channels-last float32 CPU inputs with no gradient
@@ -43,6 +44,8 @@ class _Entry:
 
 
 _CACHE: dict[_Key, _Entry] = {}
+#: packed forms kept per weight (the most recently made): inputs of many shapes do not grow the cache
+MAX_FORMS = 4
 
 
 def clear() -> None:
@@ -98,6 +101,8 @@ def packed_weight(
     form = (input_shape, stride, padding)
     packed = entry.forms.get(form)
     if packed is None:
+        if len(entry.forms) >= MAX_FORMS:
+            del entry.forms[next(iter(entry.forms))]  # the oldest
         with torch.no_grad():
             weight = build()
         packed = entry.forms[form] = torch_shim.pack_convolution_weight(
