@@ -8,10 +8,8 @@ import hydra
 from omegaconf import DictConfig
 
 from cakes.config import register_resolvers
-from cakes.ops.cpu import primitive_cache
 from cakes.run import run
 
-primitive_cache.raise_capacity()  # before the first convolution: room for every layer's primitives
 register_resolvers()  # before Hydra composes: the configs use ${operator_mode:...} and ${arch_data:...}
 
 

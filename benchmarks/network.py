@@ -96,7 +96,6 @@ from cakes.ops import (  # noqa: E402
     plan,
     set_fast_path,
 )
-from cakes.ops.cpu import primitive_cache  # noqa: E402
 from cakes.ops.factory import ConvNorm  # noqa: E402
 from cakes.ops.subkernel import as_triple  # noqa: E402
 from cakes.profile import profile  # noqa: E402
@@ -621,7 +620,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    primitive_cache.raise_capacity()  # before the first convolution (workers inherit it)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.fast_path is not None:

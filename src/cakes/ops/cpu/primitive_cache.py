@@ -7,8 +7,10 @@ runs several networks — the nine of the whole-network benchmark, a report comp
 exceeds 1024 and re-creates (JIT-compiles) primitives every step: nine ResNet-50 I3D in one process
 ran 2–39 % slower per step than in their own processes, and 0.77–1.22× with 8192
 (docs/results.md#whole-network-speed). Both variables are read when the first primitive is
-created, so :func:`raise_capacity` must run before the first CPU convolution; the entry points call
-it first thing. A value the user set is kept.
+created, so :func:`raise_capacity` must run before the first CPU convolution: importing
+:mod:`cakes.ops` calls it, before its import-time probes (:mod:`.torch_shim`) create the package's
+first primitives. A value the user set is kept. A convolution that runs before ``cakes.ops`` is
+imported fixes the capacities at oneDNN's defaults for the process.
 """
 
 from __future__ import annotations

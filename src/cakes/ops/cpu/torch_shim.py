@@ -35,6 +35,12 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from cakes.ops.cpu import primitive_cache
+
+# The probes below are the package's first oneDNN primitives, and oneDNN reads its cache capacity
+# when it creates the first one: raise it now, or a process running several networks stays at 1024.
+primitive_cache.raise_capacity()
+
 log = logging.getLogger(__name__)
 
 #: the torch minor version these entry points were checked against (the pinned 2.13.0)
