@@ -8,9 +8,10 @@ widths (64…512) none. This script reports
 * the **width sawtooth**: one packed oneDNN convolution (as the ``packed`` execution runs it) at
   output widths around a block boundary, ms and GMAC/s (``--widths``);
 * the **blocked slot MACs**: the slot convolutions' MACs with every group rounded up to ``b``
-  channels, against the closed form, per architecture; the same with the best contiguous
-  regrouping (a group's last channels computed in a neighbouring group's unused lanes with a
-  zero-padded kernel: :func:`regrouped_cost`), computed, not run; and — given a ``benchmarks/network.py`` JSON —
+  channels, against the closed form, per architecture; the same for the units the ``fused`` and
+  ``packed`` executions run (a partial block filled with the next group's leading rows when its
+  sub-kernel fits: :func:`filled_cost`), and for the best contiguous regrouping
+  (:func:`regrouped_cost`, computed, not run); and — given a ``benchmarks/network.py`` JSON —
   the **blocked bound**: the time ÷ MAC an architecture would reach if its convolutions ran at
   C3D's speed per *block* rather than per MAC (the network tool's bound uses MACs)::
 
@@ -37,7 +38,9 @@ from network import PUBLISHED, build  # noqa: E402
 
 from cakes.ops import CakesConv3d  # noqa: E402
 from cakes.ops.cpu import torch_shim  # noqa: E402
+from cakes.ops.cpu.units import plan_units  # noqa: E402
 from cakes.ops.homogeneous import SubKernelConv3d  # noqa: E402
+from cakes.ops.subkernel import SubKernel  # noqa: E402
 
 #: one slot convolution group: (output pixels per sample, input channels, output channels, kernel volume)
 Group = tuple[int, int, int, int]
@@ -89,17 +92,27 @@ def regrouped_cost(groups: list[tuple[tuple[int, int, int], int]], block: int) -
     return int(best[-1])
 
 
-def regrouped_ratio(name: str, block: int) -> float:
-    """Blocked slot MACs of ``name`` with the best contiguous regrouping, ÷ the closed form."""
+def filled_cost(groups: list[tuple[tuple[int, int, int], int]], block: int) -> int:
+    """Blocked cost, per pixel and input channel, of the units the fused and packed executions run
+    (:func:`cakes.ops.cpu.units.plan_units`: a partial block filled with the next group's rows)."""
+    subs = [SubKernel(size, max(size)) for size, _ in groups]
+    units = plan_units(subs, [n for _, n in groups], (1, 1, 1), block)
+    return sum(math.ceil((u.stop - u.start) / block) * block * u.sub.volume for u in units)
+
+
+def regrouped_ratios(name: str, block: int) -> tuple[float, float]:
+    """Blocked slot MACs of ``name`` as the executions fill blocks, and with the best contiguous
+    regrouping, each ÷ the closed form."""
     with torch.device("meta"):
         net = build("video", name, 1.0, None)
-    exact = regrouped = 0
+    exact = filled = regrouped = 0
 
     def record(module: CakesConv3d, _: tuple, out: torch.Tensor) -> None:
-        nonlocal exact, regrouped
+        nonlocal exact, filled, regrouped
         scale = math.prod(out.shape[2:]) * module.in_channels
         groups = [(sub.size, n) for sub, n in zip(module.subkernels, module.group_sizes, strict=True)]
         exact += scale * sum(n * math.prod(size) for size, n in groups)
+        filled += scale * filled_cost(groups, block)
         regrouped += scale * regrouped_cost(groups, block)
 
     for module in net.modules():
@@ -107,7 +120,7 @@ def regrouped_ratio(name: str, block: int) -> float:
             module.register_forward_hook(record)
     with torch.device("meta"):
         net(torch.empty(1, 3, 8, 112, 112))
-    return regrouped / exact
+    return filled / exact, regrouped / exact
 
 
 def bound_ratio(t_base: float, t_rest: float, slot_ratio: float) -> float:
@@ -119,7 +132,10 @@ def blocked_table(block: int, result: Path | None) -> None:
     base = slot_groups("C3D")
     exact_base, blocked_base = slot_macs(base), slot_macs(base, block)
     rows = json.loads(result.read_text()) if result else None
-    header = f"| network | slot MAC ratio | {block}-blocked slot MAC ratio | blocked ÷ exact | regrouped ÷ exact |"
+    header = (
+        f"| network | slot MAC ratio | {block}-blocked slot MAC ratio | blocked ÷ exact | filled ÷ exact"
+        " | best regrouping ÷ exact |"
+    )
     if rows:
         header += " mode | time ÷ MAC | bound ÷ MAC | blocked bound ÷ MAC |"
     print(header)
@@ -127,8 +143,8 @@ def blocked_table(block: int, result: Path | None) -> None:
     for name in ("C2D", "P3D", *PUBLISHED):
         groups = slot_groups(name)
         exact, blocked = slot_macs(groups) / exact_base, slot_macs(groups, block) / blocked_base
-        regrouped = regrouped_ratio(name, block) if name in PUBLISHED else 1.0
-        cells = f"| {name} | {exact:.3f} | {blocked:.3f} | {blocked / exact:.3f} | {regrouped:.3f} |"
+        filled, regrouped = regrouped_ratios(name, block) if name in PUBLISHED else (1.0, 1.0)
+        cells = f"| {name} | {exact:.3f} | {blocked:.3f} | {blocked / exact:.3f} | {filled:.3f} | {regrouped:.3f} |"
         if not rows:
             print(cells)
             continue

@@ -11,6 +11,7 @@ import torch
 
 from cakes.ops import CakesConv3d, fold_batch_norms, plan
 from cakes.ops.cpu.switch import fast_path
+from cakes.ops.cpu.units import fill_block
 from cakes.ops.cpu import packed, torch_shim
 from test_ops_conv_fastpath import CL, dense_reference
 
@@ -59,8 +60,8 @@ def test_each_weight_is_packed_once_and_reused():
 
     def packed_copies() -> list[torch.Tensor]:
         return [
-            packed.packed_weight((w,), w.detach, tuple(x.shape), (1, 1, 1), sub.padding)
-            for w, sub in ((op.weights[sub.name], sub) for sub in op.subkernels)
+            packed.packed_weight(((g, 0, w.shape[0]),), (w,), w.detach, tuple(x.shape), (1, 1, 1), sub.padding)
+            for g, (w, sub) in enumerate((op.weights[sub.name], sub) for sub in op.subkernels)
         ]
 
     with torch.no_grad():
@@ -138,8 +139,9 @@ def test_dense_runs_packed_like_the_all_3d_layer_and_packs_its_padded_weight_onc
         def unbuilt() -> torch.Tensor:
             raise AssertionError("the padded weight was rebuilt although no group changed")
 
-        again = packed.packed_weight(tuple(weights), unbuilt, tuple(x.shape), (1, 2, 2), (1, 1, 1))
-        assert again is packed.packed_weight(tuple(weights), unbuilt, tuple(x.shape), (1, 2, 2), (1, 1, 1))
+        dense = ("dense", 3)
+        again = packed.packed_weight(dense, tuple(weights), unbuilt, tuple(x.shape), (1, 2, 2), (1, 1, 1))
+        assert again is packed.packed_weight(dense, tuple(weights), unbuilt, tuple(x.shape), (1, 2, 2), (1, 1, 1))
         weights[2].add_(1.0)  # one group changes: rebuilt and repacked
         torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
 
@@ -160,3 +162,16 @@ def test_inputs_of_many_shapes_keep_only_the_latest_forms_per_weight():
             x = torch.randn(1, 6, frames, 5, 5).contiguous(memory_format=CL)
             torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
     assert packed.packed_count() == packed.MAX_FORMS
+
+
+def test_a_partial_block_is_filled_with_the_next_groups_rows():
+    """As in the fused execution, the 3x3x3 group's idle block lanes take the leading 1x3x3 rows
+    (zero-padded): two packed convolutions, not one per group plus a nearly empty block."""
+    op = _op({"3x3x3": 3, "1x3x3": 20}, bias=True)
+    x = torch.randn(1, 6, 4, 5, 5).contiguous(memory_format=CL)
+    with torch.no_grad():
+        torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
+        block = fill_block(x)
+        assert block in (8, 16) and packed.packed_count() == 2
+        op.weights["1x3x3"][:1].mul_(3.0)  # a row that rides in the 3x3x3 unit
+        torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)

@@ -18,8 +18,9 @@ needed (:func:`applies`); everything else runs another execution.
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,13 +28,14 @@ from torch import Tensor
 
 from cakes.ops.cpu import torch_shim
 from cakes.ops.cpu.switch import fast_path_enabled
+from cakes.ops.cpu.units import fill_block, plan_units, unit_weight
 from cakes.ops.reference import dense_weight
 from cakes.ops.subkernel import SubKernel
 
 #: packed forms of one weight: (input shape, stride, padding) -> opaque oneDNN tensor
 _Forms = dict[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], Tensor]
-#: what a packed weight is made from: its source tensors' identities
-_Key = tuple[int, ...]
+#: what a packed weight is: a description of how it is built (hashable) and its source tensors' identities
+_Key = tuple[Hashable, tuple[int, ...]]
 
 
 @dataclass
@@ -79,16 +81,18 @@ def _forget(key: _Key) -> None:
 
 
 def packed_weight(
+    what: Hashable,
     sources: Sequence[Tensor],
     build: Callable[[], Tensor],
     input_shape: tuple[int, ...],
     stride: tuple[int, ...],
     padding: tuple[int, ...],
 ) -> Tensor:
-    """The packed copy of the weight ``build()`` makes from ``sources`` (the weight itself, or the
-    groups a zero-padded weight is made of) for this input shape and geometry; built and packed now
-    if it is missing or any source changed since."""
-    key = tuple(id(t) for t in sources)
+    """The packed copy of the weight ``build()`` makes from ``sources`` for this input shape and
+    geometry; built and packed now if it is missing or any source changed since. ``what`` names the
+    build (a unit's rows, a zero-padded dense weight), so two weights made differently from the same
+    sources never share an entry."""
+    key = (what, tuple(id(t) for t in sources))
     state = tuple((t._version, t.data_ptr()) for t in sources)
     entry = _CACHE.get(key)
     if (
@@ -114,21 +118,25 @@ def packed_weight(
 def packed_conv3d(
     x: Tensor, weights: Sequence[Tensor], subs: Sequence[SubKernel], stride: tuple[int, int, int], bias: Tensor | None
 ) -> Tensor:
-    """Same values as :func:`~cakes.ops.reference.grouped_conv3d`, with every group's weight packed
-    once (inference only: see :func:`applies`).
+    """Same values as :func:`~cakes.ops.reference.grouped_conv3d`: one packed convolution per unit of
+    the CPU fast path's work plan (:func:`~cakes.ops.cpu.units.plan_units`: a group, its last partial
+    output-channel block filled with the leading rows of the next group when that group's sub-kernel
+    fits inside, zero-padded), each unit's weight built and packed once (inference only: see
+    :func:`applies`).
 
     ``x``: ``(N, C_in, T, H, W)`` channels-last; ``weights[i]``: ``(n_i, C_in, *subs[i].size)``;
     ``bias``: ``(C_out,)``. Output ``(N, C_out, T', H', W')`` channels-last, channels in group order.
     """
     if any(w.dtype != x.dtype or w.device != x.device for w in weights):
         raise TypeError(f"packed_conv3d: weights must be {x.dtype} on {x.device} like the input")
-    shape, outputs, start = tuple(x.shape), [], 0
-    for w, sub in zip(weights, subs, strict=True):
-        stop = start + w.shape[0]
-        packed = packed_weight((w,), w.detach, shape, tuple(stride), tuple(sub.padding))
-        group_bias = None if bias is None else bias.detach()[start:stop]
-        outputs.append(torch_shim.convolve_packed(x, packed, group_bias, list(sub.padding), list(stride)))
-        start = stop
+    shape, outputs = tuple(x.shape), []
+    sizes = tuple(w.shape[0] for w in weights)
+    for unit in plan_units(subs, sizes, stride, fill_block(x)):
+        sources = tuple(weights[group] for group, _, _ in unit.parts)
+        build = functools.partial(unit_weight, unit, [w.detach() for w in weights], subs)
+        packed = packed_weight(unit.parts, sources, build, shape, tuple(stride), tuple(unit.sub.padding))
+        unit_bias = None if bias is None else bias.detach()[unit.start : unit.stop]
+        outputs.append(torch_shim.convolve_packed(x, packed, unit_bias, list(unit.sub.padding), list(stride)))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
@@ -144,7 +152,6 @@ def packed_dense_conv3d(
     (:func:`~cakes.ops.reference.dense_weight`), built and packed once while the groups are unchanged
     (what the all-3D layer of this shape costs when it runs packed). Shapes as :func:`packed_conv3d`."""
     padding = (kernel_size // 2,) * 3
-    packed = packed_weight(
-        tuple(weights), lambda: dense_weight(weights, subs, kernel_size), tuple(x.shape), tuple(stride), padding
-    )
+    build = functools.partial(dense_weight, [w.detach() for w in weights], subs, kernel_size)
+    packed = packed_weight(("dense", kernel_size), tuple(weights), build, tuple(x.shape), tuple(stride), padding)
     return torch_shim.convolve_packed(x, packed, None if bias is None else bias.detach(), list(padding), list(stride))
