@@ -175,3 +175,23 @@ def test_a_partial_block_is_filled_with_the_next_groups_rows():
         assert block in (8, 16) and packed.packed_count() == 2
         op.weights["1x3x3"][:1].mul_(3.0)  # a row that rides in the 3x3x3 unit
         torch.testing.assert_close(op(x), dense_reference(op, x), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_mode_weights_are_packed_uncached_and_planning_works_there():
+    """Under ``torch.inference_mode`` (Lightning's test and predict loops) a weight made there has no
+    version counter: it is packed per call, never cached. Benchmark-mode planning, which also times
+    ``dense`` (whose padded weight is made there), runs and keeps the values."""
+    op = _op({"3x3x3": 2, "1x3x3": 3, "3x1x1": 4})
+    x = torch.randn(1, 6, 4, 5, 5).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        w = torch.randn(5, 6, 1, 3, 3)
+        assert w.is_inference()
+        first = packed.packed_weight(((0, 0, 5),), (w,), w.detach, tuple(x.shape), (1, 1, 1), (0, 1, 1))
+        assert packed.packed_count() == 0 and first is not packed.packed_weight(
+            ((0, 0, 5),), (w,), w.detach, tuple(x.shape), (1, 1, 1), (0, 1, 1)
+        )
+        plan.configure("benchmark")
+        y = op(x)
+        assert any(key[4] is False for key in plan.timings())
+    with torch.no_grad():
+        torch.testing.assert_close(y, dense_reference(op, x), atol=1e-5, rtol=1e-5)

@@ -91,7 +91,11 @@ def packed_weight(
     """The packed copy of the weight ``build()`` makes from ``sources`` for this input shape and
     geometry; built and packed now if it is missing or any source changed since. ``what`` names the
     build (a unit's rows, a zero-padded dense weight), so two weights made differently from the same
-    sources never share an entry."""
+    sources never share an entry. A source made under ``torch.inference_mode`` (it has no version
+    counter, e.g. the zero-padded weight ``dense`` builds there) is packed on every call, uncached."""
+    if any(t.is_inference() for t in sources):  # made under inference_mode: no version counter to check
+        with torch.no_grad():
+            return torch_shim.pack_convolution_weight(build(), list(padding), list(stride), list(input_shape))
     key = (what, tuple(id(t) for t in sources))
     state = tuple((t._version, t.data_ptr()) for t in sources)
     entry = _CACHE.get(key)
