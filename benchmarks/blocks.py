@@ -31,6 +31,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,36 +45,38 @@ from cakes.ops.cpu.units import plan_units  # noqa: E402
 from cakes.ops.homogeneous import SubKernelConv3d  # noqa: E402
 from cakes.ops.subkernel import SubKernel  # noqa: E402
 
-#: one slot convolution group: (output pixels per sample, input channels, output channels, kernel volume)
-Group = tuple[int, int, int, int]
+#: the groups of one slot convolution, ``(kernel size, output channels)`` in order
+Groups = list[tuple[tuple[int, int, int], int]]
+#: one slot convolution: (output pixels per sample · input channels, its groups)
+Layer = tuple[int, Groups]
 
 
-def slot_groups(name: str, frames: int = 8, side: int = 112) -> list[Group]:
-    """Every slot convolution group of ResNet-50 I3D network ``name`` (built on the meta device)."""
+def slot_layers(name: str, frames: int = 8, side: int = 112) -> list[Layer]:
+    """Every slot convolution of ResNet-50 I3D network ``name`` (built on the meta device)."""
     with torch.device("meta"):
         net = build("video", name, 1.0, None)
-    groups: list[Group] = []
+    layers: list[Layer] = []
 
     def record(module: torch.nn.Module, _: tuple, out: torch.Tensor) -> None:
-        pixels = math.prod(out.shape[2:])
         if isinstance(module, CakesConv3d):
-            for sub, n in zip(module.subkernels, module.group_sizes, strict=True):
-                groups.append((pixels, module.in_channels, n, sub.volume))
+            scale = math.prod(out.shape[2:]) * module.in_channels
+            layers.append((scale, [(s.size, n) for s, n in zip(module.subkernels, module.group_sizes, strict=True)]))
         else:
             w = module.weight
-            groups.append((pixels, w.shape[1], w.shape[0], math.prod(w.shape[2:])))
+            layers.append((math.prod(out.shape[2:]) * w.shape[1], [(tuple(w.shape[2:]), w.shape[0])]))
 
     for path, module in net.named_modules():
         if isinstance(module, CakesConv3d) or (isinstance(module, SubKernelConv3d) and path.startswith("layer")):
             module.register_forward_hook(record)
     with torch.device("meta"):
         net(torch.empty(1, 3, frames, side, side))
-    return groups
+    return layers
 
 
-def slot_macs(groups: list[Group], block: int = 1) -> int:
-    """MACs of the groups with output channels rounded up to ``block``."""
-    return sum(p * c_in * math.ceil(n / block) * block * v for p, c_in, n, v in groups)
+def blocked_cost(groups: Groups, block: int) -> int:
+    """Cost, per pixel and input channel, of one convolution per group with its output channels
+    rounded up to ``block`` (``block=1``: the closed-form MACs)."""
+    return sum(math.ceil(n / block) * block * math.prod(size) for size, n in groups)
 
 
 def union_volume(sizes: set[tuple[int, int, int]]) -> int:
@@ -81,7 +84,7 @@ def union_volume(sizes: set[tuple[int, int, int]]) -> int:
     return math.prod(max(size[axis] for size in sizes) for axis in range(3))
 
 
-def regrouped_cost(groups: list[tuple[tuple[int, int, int], int]], block: int) -> int:
+def regrouped_cost(groups: Groups, block: int) -> int:
     """Least blocked cost, per pixel and input channel, of the layer's output channels (in group order)
     cut into contiguous segments, each run as one convolution with the union of its sub-kernels
     (zero-padded): ``sum(ceil(width / block) · block · union volume)``, by dynamic programming."""
@@ -94,7 +97,7 @@ def regrouped_cost(groups: list[tuple[tuple[int, int, int], int]], block: int) -
     return int(best[-1])
 
 
-def filled_cost(groups: list[tuple[tuple[int, int, int], int]], block: int) -> int:
+def filled_cost(groups: Groups, block: int) -> int:
     """Blocked cost, per pixel and input channel, of the units the fused and packed executions run
     (:func:`cakes.ops.cpu.units.plan_units`: a partial block filled with the next group's rows)."""
     subs = [SubKernel(size, max(size)) for size, _ in groups]
@@ -102,27 +105,9 @@ def filled_cost(groups: list[tuple[tuple[int, int, int], int]], block: int) -> i
     return sum(math.ceil((u.stop - u.start) / block) * block * u.sub.volume for u in units)
 
 
-def regrouped_ratios(name: str, block: int) -> tuple[float, float]:
-    """Blocked slot MACs of ``name`` as the executions fill blocks, and with the best contiguous
-    regrouping, each ÷ the closed form."""
-    with torch.device("meta"):
-        net = build("video", name, 1.0, None)
-    exact = filled = regrouped = 0
-
-    def record(module: CakesConv3d, _: tuple, out: torch.Tensor) -> None:
-        nonlocal exact, filled, regrouped
-        scale = math.prod(out.shape[2:]) * module.in_channels
-        groups = [(sub.size, n) for sub, n in zip(module.subkernels, module.group_sizes, strict=True)]
-        exact += scale * sum(n * math.prod(size) for size, n in groups)
-        filled += scale * filled_cost(groups, block)
-        regrouped += scale * regrouped_cost(groups, block)
-
-    for module in net.modules():
-        if isinstance(module, CakesConv3d):
-            module.register_forward_hook(record)
-    with torch.device("meta"):
-        net(torch.empty(1, 3, 8, 112, 112))
-    return filled / exact, regrouped / exact
+def total(layers: list[Layer], cost: Callable[[Groups, int], int], block: int) -> int:
+    """A per-layer cost summed over the network, weighted by each layer's pixels · input channels."""
+    return sum(scale * cost(groups, block) for scale, groups in layers)
 
 
 def bound_ratio(t_base: float, t_rest: float, slot_ratio: float) -> float:
@@ -131,8 +116,8 @@ def bound_ratio(t_base: float, t_rest: float, slot_ratio: float) -> float:
 
 
 def blocked_table(block: int, result: Path | None) -> None:
-    base = slot_groups("C3D")
-    exact_base, blocked_base = slot_macs(base), slot_macs(base, block)
+    base = slot_layers("C3D")
+    exact_base, blocked_base = total(base, blocked_cost, 1), total(base, blocked_cost, block)
     rows = json.loads(result.read_text()) if result else None
     header = (
         f"| network | slot MAC ratio | {block}-blocked slot MAC ratio | blocked ÷ exact | filled ÷ exact"
@@ -143,9 +128,10 @@ def blocked_table(block: int, result: Path | None) -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name in ("C2D", "P3D", *PUBLISHED):
-        groups = slot_groups(name)
-        exact, blocked = slot_macs(groups) / exact_base, slot_macs(groups, block) / blocked_base
-        filled, regrouped = regrouped_ratios(name, block) if name in PUBLISHED else (1.0, 1.0)
+        layers = slot_layers(name)
+        macs = total(layers, blocked_cost, 1)
+        exact, blocked = macs / exact_base, total(layers, blocked_cost, block) / blocked_base
+        filled, regrouped = (total(layers, cost, block) / macs for cost in (filled_cost, regrouped_cost))
         cells = f"| {name} | {exact:.3f} | {blocked:.3f} | {blocked / exact:.3f} | {filled:.3f} | {regrouped:.3f} |"
         if not rows:
             print(cells)
@@ -158,11 +144,11 @@ def blocked_table(block: int, result: Path | None) -> None:
                 if not times:
                     continue
                 t_base, t_rest = statistics.median(times["C3D"]), statistics.median(times["C3D (no slot convs)"])
-                t_arch, macs = statistics.median(times[name]), row["mac_ratio"]
+                t_arch, mac_ratio = statistics.median(times[name]), row["mac_ratio"]
 
                 # the units the executions run (C3D's full-width groups fill their blocks: its ratio is exact)
-                bound, blocked_bound = (bound_ratio(t_base, t_rest, r) / macs for r in (exact, exact * filled))
-                print(f"{cells} {mode} | {t_arch / t_base / macs:.2f} | {bound:.2f} | {blocked_bound:.2f} |")
+                bound, blocked_bound = (bound_ratio(t_base, t_rest, r) / mac_ratio for r in (exact, exact * filled))
+                print(f"{cells} {mode} | {t_arch / t_base / mac_ratio:.2f} | {bound:.2f} | {blocked_bound:.2f} |")
 
 
 def width_sawtooth(reps: int) -> None:

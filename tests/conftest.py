@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cakes.config import register_resolvers
+from cakes.ops import plan
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,6 +31,17 @@ TINY_VIDEO = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
+
+
+@pytest.fixture
+def fresh_plan(request: pytest.FixtureRequest):
+    """The test runs in the conv plan mode of its ``plan_mode`` marker (default ``benchmark``) with an
+    empty plan (choices, timings, packed weights); the previous mode and an empty plan after."""
+    marker = request.node.get_closest_marker("plan_mode")
+    with plan.using(marker.args[0] if marker else "benchmark"):
+        plan.clear()
+        yield
+        plan.clear()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

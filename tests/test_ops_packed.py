@@ -15,20 +15,11 @@ from cakes.ops.cpu.units import fill_block
 from cakes.ops.cpu import packed, torch_shim
 from test_ops_conv_fastpath import CL, dense_reference
 
-pytestmark = pytest.mark.skipif(
-    not torch_shim.PACKED_CONVOLUTION, reason="this torch build has no oneDNN packed convolution"
-)
-
-
-@pytest.fixture(autouse=True)
-def packed_mode(monkeypatch):
-    previous = plan.mode()
-    monkeypatch.setenv(plan.ENV_VAR, previous)
-    plan.configure("packed")
-    plan.clear()
-    yield
-    plan.configure(previous)
-    plan.clear()
+pytestmark = [
+    pytest.mark.skipif(not torch_shim.PACKED_CONVOLUTION, reason="this torch build has no oneDNN packed convolution"),
+    pytest.mark.usefixtures("fresh_plan"),
+    pytest.mark.plan_mode("packed"),
+]
 
 
 def _op(counts, stride=1, bias=True, seed=0) -> CakesConv3d:

@@ -20,17 +20,7 @@ from cakes.ops import time_split
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d
 from test_ops_conv_fastpath import CL, dense_reference, random_counts
 
-
-@pytest.fixture(autouse=True)
-def fresh_plan(monkeypatch):
-    """Each test starts from an empty cache in benchmark mode and restores the mode after."""
-    previous = plan.mode()
-    monkeypatch.setenv(plan.ENV_VAR, previous)
-    plan.configure("benchmark")
-    plan.clear()
-    yield
-    plan.configure(previous)
-    plan.clear()
+pytestmark = pytest.mark.usefixtures("fresh_plan")
 
 
 def check_contract(op: CakesConv3d, x: torch.Tensor, atol: float = 1e-5) -> None:

@@ -16,17 +16,7 @@ from cakes.profile import profile
 
 CL = torch.channels_last_3d
 
-
-@pytest.fixture(autouse=True)
-def fresh_plan(monkeypatch):
-    """Each test starts from an empty plan in benchmark mode and restores the mode after."""
-    previous = plan.mode()
-    monkeypatch.setenv(plan.ENV_VAR, previous)
-    plan.configure("benchmark")
-    plan.clear()
-    yield
-    plan.configure(previous)
-    plan.clear()
+pytestmark = pytest.mark.usefixtures("fresh_plan")
 
 
 def spy_linear(monkeypatch) -> list[int]:

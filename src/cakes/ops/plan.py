@@ -119,8 +119,7 @@ def _split(x, weights, subs, stride, bias, kernel_size):
 
 
 def _packed(x, weights, subs, stride, bias, kernel_size):
-    mismatched = any(w.dtype != x.dtype for w in weights)
-    if mismatched or not packed.applies(x, _needs_grad(x, weights, bias)):  # called where it cannot run
+    if not packed.applies(x, _needs_grad(x, weights, bias)):  # called where it cannot run
         return cakes_conv3d(x, weights, subs, stride, bias)
     return packed.packed_conv3d(x, weights, subs, stride, bias)
 

@@ -137,7 +137,7 @@ def packed_conv3d(
     sizes = tuple(w.shape[0] for w in weights)
     for unit in plan_units(subs, sizes, stride, fill_block(x)):
         sources = tuple(weights[group] for group, _, _ in unit.parts)
-        build = functools.partial(unit_weight, unit, [w.detach() for w in weights], subs)
+        build = functools.partial(unit_weight, unit, weights, subs)  # called under no_grad, on a miss only
         packed = packed_weight(unit.parts, sources, build, shape, tuple(stride), tuple(unit.sub.padding))
         unit_bias = None if bias is None else bias.detach()[unit.start : unit.stop]
         outputs.append(torch_shim.convolve_packed(x, packed, unit_bias, list(unit.sub.padding), list(stride)))
@@ -156,6 +156,6 @@ def packed_dense_conv3d(
     (:func:`~cakes.ops.reference.dense_weight`), built and packed once while the groups are unchanged
     (what the all-3D layer of this shape costs when it runs packed). Shapes as :func:`packed_conv3d`."""
     padding = (kernel_size // 2,) * 3
-    build = functools.partial(dense_weight, [w.detach() for w in weights], subs, kernel_size)
+    build = functools.partial(dense_weight, weights, subs, kernel_size)
     packed = packed_weight(("dense", kernel_size), tuple(weights), build, tuple(x.shape), tuple(stride), padding)
     return torch_shim.convolve_packed(x, packed, None if bias is None else bias.detach(), list(padding), list(stride))
