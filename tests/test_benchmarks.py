@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cakes.ops import plan
 from cakes.profile import profile
 from cakes.utils import cpu_model, git_commit
 
@@ -240,3 +241,19 @@ def test_one_process_run_times_each_network_interleaved_and_back_to_back(tmp_pat
             assert float(cells[1]) == pytest.approx(a * 1e3, abs=0.5)
             per_round = sorted(x / y for x, y in zip(mixed[mode][name], alone[mode][name], strict=True))
             assert float(cells[2]) == pytest.approx(per_round[1], abs=5e-4)
+
+
+@pytest.mark.parametrize(("execution", "mode"), [("packed", "eval"), ("im2col", "train")])
+def test_withhold_benchmark_runs_both_variants_with_their_own_plans(execution, mode, capsys, fresh_plan):
+    """The A/B runs the network with the execution allowed and withheld, each variant with its own
+    plan caches, and leaves the process's plan and gates as they were."""
+    module = load("withhold")
+    gate = module.GATES[execution]
+    predicate = getattr(*gate)
+    toy = ["--only", "ssv1_cakes12d_c", "--shape", "2x16:1", "--width", "0.125", "--rounds", "2"]
+    times = module.main([execution, "--mode", mode, *toy])
+    assert set(times) == {(n, a) for n in ("C3D", "ssv1_cakes12d_c") for a in (False, True)}
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+    rows = table_rows(capsys.readouterr().out)[1:]  # below the header
+    assert [r[0] for r in rows] == ["C3D", "ssv1_cakes12d_c"] and "→" in rows[1][4]
+    assert getattr(*gate) is predicate and plan.choices() == {} and plan.pointwise_choices() == {}

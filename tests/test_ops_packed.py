@@ -1,6 +1,7 @@
 """The ``packed`` execution (``cakes.ops.cpu.packed``): inference with each group's weight packed once
-into oneDNN's layout. Same values as the dense form; the cache never serves a stale weight (changed
-in place, storage swapped, folded) and forgets freed ones; it runs only where it applies."""
+into oneDNN's layout (and 1x1x1 convolutions run so). Same values as the dense form; the cache never
+serves a stale weight (changed in place, storage swapped, folded) and forgets freed ones; it runs
+only where it applies."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import gc
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from cakes.ops import CakesConv3d, fold_batch_norms, plan
 from cakes.ops.cpu.switch import fast_path
 from cakes.ops.cpu.units import fill_block
 from cakes.ops.cpu import packed, torch_shim
+from cakes.ops.pointwise import PointwiseConv3d
 from test_ops_conv_fastpath import CL, dense_reference
 
 pytestmark = [
@@ -186,3 +189,32 @@ def test_inference_mode_weights_are_packed_uncached_and_planning_works_there():
         assert any(key[4] is False for key in plan.timings())
     with torch.no_grad():
         torch.testing.assert_close(y, dense_reference(op, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 2), (2, 2, 2)], ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_pointwise_convolutions_equal_conv3d_and_pack_their_weight_once(stride, bias, monkeypatch):
+    monkeypatch.setattr(plan, "choose_pointwise", lambda *args: "packed")
+    torch.manual_seed(0)
+    conv = PointwiseConv3d(6, 20, stride=stride, bias=bias).to(memory_format=CL).eval()
+    x = torch.randn(1, 6, 4, 5, 7).contiguous(memory_format=CL)
+    with torch.no_grad():
+        y = conv(x)
+        assert y.is_contiguous(memory_format=CL) and packed.packed_count() == 1
+        torch.testing.assert_close(y, F.conv3d(x, conv.weight, conv.bias, stride), atol=1e-5, rtol=1e-5)
+        conv.weight.mul_(2)  # an in-place change (a batch-norm fold) is repacked
+        torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias, stride), atol=1e-5, rtol=1e-5)
+        assert packed.packed_count() == 1
+    with pytest.raises(TypeError, match="float64"):
+        packed.packed_pointwise_conv3d(x.double(), conv.weight, None, stride)
+
+
+def test_pointwise_plan_times_packed_in_inference_only():
+    plan.configure("benchmark")
+    conv = PointwiseConv3d(8, 16).to(memory_format=CL)
+    x = torch.randn(1, 8, 2, 6, 6).contiguous(memory_format=CL)
+    with torch.no_grad():
+        conv(x)
+    conv(x.requires_grad_())
+    timed = {key[4]: set(times) for key, times in plan.pointwise_timings().items()}
+    assert timed == {False: {"gemm", "conv3d", "packed"}, True: {"gemm", "conv3d"}}

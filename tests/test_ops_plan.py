@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cakes.ops import OP_SETS, CakesConv3d, SubKernel, plan
 from cakes.ops import frames as frames_module
-from cakes.ops import time_split
+from cakes.ops import im2col, time_split
 from cakes.ops.homogeneous import HOMOGENEOUS_OPS, HomogeneousConv3d
 from test_ops_conv_fastpath import CL, dense_reference, random_counts
 
@@ -248,6 +248,40 @@ def test_split_execution_needs_an_even_length_and_unit_temporal_stride():
     plan.configure("split")
     assert plan.choose(odd, weights, op.subkernels, op.stride, None, 3) == "fused"
     check_contract(op, odd)
+
+
+@pytest.mark.parametrize("weight_layout", [CL, torch.contiguous_format], ids=["cl_weights", "ncdhw_weights"])
+@pytest.mark.parametrize("stride", [(1, 1, 1), (2, 2, 2), (1, 2, 1)], ids=str)
+def test_im2col_execution_gradcheck_at_every_stride_and_weight_layout(stride, weight_layout):
+    """Im2col: one GEMM per group over its patch matrix (taps outer, channels inner), the weight read
+    in place when channels-last and copied otherwise; the patch gradients scattered back per tap."""
+    plan.configure("im2col")
+    torch.manual_seed(11)
+    op = CakesConv3d(3, {"3x3x3": 2, "1x3x3": 2, "3x1x1": 1, "1x1x3": 1}, stride=stride, bias=True).double()
+    op = op.to(memory_format=weight_layout)
+    x = torch.randn(2, 3, 5, 4, 5, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    weights = [op.weights[s.name] for s in op.subkernels]
+    assert plan.choose(x, weights, op.subkernels, op.stride, op.bias, 3) == "im2col"
+    check_contract(op, x, atol=1e-10)
+    assert op(x).is_contiguous(memory_format=CL)
+    assert torch.autograd.gradcheck(lambda x, *p: op(x), (x, *op.parameters()), eps=1e-6, atol=1e-7)
+
+
+def test_im2col_execution_is_offered_only_while_its_patch_matrices_are_small(monkeypatch):
+    torch.manual_seed(12)
+    op = CakesConv3d(4, {"3x3x3": 2, "1x3x3": 3})
+    x = torch.randn(1, 4, 4, 6, 6)
+    weights = [op.weights[s.name] for s in op.subkernels]
+    elements = 4 * 6 * 6 * (27 + 9) * 4
+    assert im2col.patch_elements(x, op.subkernels, op.stride) == elements
+    assert "im2col" in plan.candidate_executions(x, op.subkernels, op.stride, 3)
+    monkeypatch.setattr(im2col, "MAX_PATCH_ELEMENTS", elements - 1)
+    assert "im2col" not in plan.candidate_executions(x, op.subkernels, op.stride, 3)
+    with pytest.raises(ValueError, match=rf"im2col execution: .* \(1, 4, 4, 6, 6\) .* {elements} elements"):
+        im2col.im2col_conv3d(x, weights, op.subkernels, op.stride, None)
+    plan.configure("im2col")  # a forced im2col plan runs such a layer fused
+    assert plan.choose(x, weights, op.subkernels, op.stride, None, 3) == "fused"
+    check_contract(op, x)
 
 
 def test_frames_execution_needs_unit_temporal_stride():

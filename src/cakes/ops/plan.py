@@ -19,6 +19,10 @@ A heterogeneous convolution can run in several ways that compute the same functi
   halves along the first axis (halo frames included), per-group ``F.conv3d``: the groups' exact MACs
   on oneDNN's path, which PyTorch does not take for small batch-1 CPU inputs (benchmarked on CPU at
   batch 1 only; even length and stride 1 along that axis — elsewhere a forced ``split`` runs ``fused``).
+* ``im2col`` — :func:`~cakes.ops.im2col.im2col_conv3d`: each group one GEMM over its input's patch
+  matrix, the weight read in place (for weight-bound layers with few output positions; only while the
+  patch matrices stay within :data:`~cakes.ops.im2col.MAX_PATCH_ELEMENTS` — elsewhere a forced
+  ``im2col`` runs ``fused``);
 * ``packed`` — :func:`~cakes.ops.cpu.packed.packed_conv3d`, inference only: each group's weight
   packed once into oneDNN's layout and cached, then one oneDNN convolution per group at any batch
   size, bias fused (channels-last float32 CPU inputs with no gradient needed — elsewhere a forced
@@ -40,16 +44,16 @@ Settings (:func:`configure`, or the ``CAKES_CONV_PLAN`` environment variable rea
 ``conv_plan=…`` in the train/search configs sets both):
 
 * ``benchmark`` — measure once per key, cache (default);
-* ``fused`` | ``grouped`` | ``dense`` | ``frames`` | ``split`` | ``packed`` — always that execution
+* ``fused`` | ``grouped`` | ``dense`` | ``frames`` | ``split`` | ``im2col`` | ``packed`` — always that execution
   (``fused`` = no plan: the behaviour before plans existed);
 * ``deterministic=True`` (``CAKES_CONV_PLAN=deterministic``; also implied by
   ``torch.use_deterministic_algorithms(True)``) — no timing: the choice is the fixed
   :func:`rule` of the key, identical on every run and every rank.
 
 The backbones' 1x1x1 convolutions (:class:`~cakes.ops.pointwise.PointwiseConv3d`) have a plan of
-their own on channels-last CPU inputs (:func:`choose_pointwise`): one GEMM (``gemm``) or
-``F.conv3d`` (``conv3d``), timed once per :func:`pointwise_key` in ``benchmark`` mode; every other
-mode runs ``gemm``.
+their own on channels-last CPU inputs (:func:`choose_pointwise`): one GEMM (``gemm``),
+``F.conv3d`` (``conv3d``) or, in inference, a packed oneDNN convolution (``packed``), timed once per
+:func:`pointwise_key` in ``benchmark`` mode; every other mode runs ``gemm``.
 
 Counters, fake/meta tensors, tracers (``torch.export``, ONNX, ``torch.compile``) and
 ``torch.func`` transforms always get ``fused`` (whose plain per-group form they see), whatever the
@@ -68,16 +72,17 @@ import torch
 from torch import Tensor
 
 from cakes.ops.cpu import torch_shim
-from cakes.ops import frames, time_split
+from cakes.ops import frames, im2col, time_split
 from cakes.ops.cpu import packed
 from cakes.ops.cpu.function import cakes_conv3d
 from cakes.ops.reference import dense_weight, grouped_conv3d
 from cakes.ops.subkernel import SubKernel
 from cakes.utils import env_restored
 
-EXECUTIONS = ("fused", "grouped", "dense", "frames", "split", "packed")
-#: a 1x1x1 convolution's executions: one matrix product on the channels-last memory, or ``F.conv3d``
-POINTWISE_EXECUTIONS = ("gemm", "conv3d")
+EXECUTIONS = ("fused", "grouped", "dense", "frames", "split", "im2col", "packed")
+#: a 1x1x1 convolution's executions: one matrix product on the channels-last memory, ``F.conv3d``, or
+#: (inference only) a oneDNN convolution with its weight packed once
+POINTWISE_EXECUTIONS = ("gemm", "conv3d", "packed")
 MODES = ("benchmark", "deterministic", *EXECUTIONS)
 ENV_VAR = "CAKES_CONV_PLAN"
 #: timed runs per candidate after one warm-up run; the fastest run counts (noise only adds time)
@@ -118,8 +123,12 @@ def _split(x, weights, subs, stride, bias, kernel_size):
     return time_split.time_split_conv3d(x, weights, subs, stride, bias)
 
 
+def _im2col(x, weights, subs, stride, bias, kernel_size):
+    return im2col.im2col_conv3d(x, weights, subs, stride, bias)
+
+
 def _packed(x, weights, subs, stride, bias, kernel_size):
-    if not packed.applies(x, _needs_grad(x, weights, bias)):  # called where it cannot run
+    if not packed.applies(x, needs_gradient(x, weights, bias)):  # called where it cannot run
         return cakes_conv3d(x, weights, subs, stride, bias)
     return packed.packed_conv3d(x, weights, subs, stride, bias)
 
@@ -131,6 +140,7 @@ EXECUTE: dict[str, Execute] = {
     "dense": _dense,
     "frames": _frames,
     "split": _split,
+    "im2col": _im2col,
     "packed": _packed,
 }
 
@@ -206,7 +216,8 @@ def pointwise_timings() -> dict[PlanKey, dict[str, float]]:
     return {k: dict(v) for k, v in _State.pointwise_timings.items()}
 
 
-def _needs_grad(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None) -> bool:
+def needs_gradient(x: Tensor, weights: Sequence[Tensor], bias: Tensor | None) -> bool:
+    """Whether a call on these tensors builds a graph (gradients enabled and any of them requires one)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *weights))
 
 
@@ -222,7 +233,7 @@ def plan_key(
         x.dtype,
         tuple(x.shape),
         layout,
-        _needs_grad(x, weights, bias),
+        needs_gradient(x, weights, bias),
         weights[0].shape[1],
         groups,
         tuple(stride),
@@ -257,7 +268,7 @@ def choose(
         return "fused"
     current = _State.mode
     if current in EXECUTIONS:
-        return current if runs_here(current, x, subs, stride, _needs_grad(x, weights, bias)) else "fused"
+        return current if runs_here(current, x, subs, stride, needs_gradient(x, weights, bias)) else "fused"
     if current == "deterministic" or torch.are_deterministic_algorithms_enabled():
         return rule(subs, weights, kernel_size)
     key = plan_key(x, weights, subs, stride, bias)
@@ -289,12 +300,15 @@ def runs_here(
     execution: str, x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int], needs_grad: bool = False
 ) -> bool:
     """Whether ``execution`` can run this call: ``frames`` needs unit stride along the first axis,
-    ``split`` also an even length, ``packed`` a channels-last float32 CPU input and no gradient
+    ``split`` also an even length, ``im2col`` patch matrices within its limit, ``packed`` a
+    channels-last float32 CPU input and no gradient
     (:func:`cakes.ops.cpu.packed.applies`); the others run anywhere."""
     if execution == "frames":
         return frames.supports(subs, stride)
     if execution == "split":
         return time_split.supports(x, stride)
+    if execution == "im2col":
+        return im2col.supports(x, subs, stride)
     if execution == "packed":
         return packed.applies(x, needs_grad)
     return True
@@ -318,7 +332,8 @@ def candidate_executions(
     """The executions ``benchmark`` mode times for this layer: off CPU ``fused`` is ``grouped``; a single
     full-kernel group is its own ``dense``; ``frames`` needs unit stride along the first axis; ``split``
     is for batch-1 CPU inputs of even length (what PyTorch's CPU heuristic sends off oneDNN);
-    ``packed`` for inference calls on channels-last float32 CPU inputs."""
+    ``im2col`` where its patch matrices stay within their limit; ``packed`` for inference calls on
+    channels-last float32 CPU inputs."""
     cpu = x.device.type == "cpu"
     candidates = ["fused", "grouped", "dense"] if cpu else ["grouped", "dense"]
     if len(subs) == 1 and subs[0].size == (kernel_size,) * 3:
@@ -327,6 +342,8 @@ def candidate_executions(
         candidates.append("frames")
     if cpu and x.shape[0] == 1 and runs_here("split", x, subs, stride):
         candidates.append("split")
+    if runs_here("im2col", x, subs, stride):
+        candidates.append("im2col")
     if runs_here("packed", x, subs, stride, needs_grad):
         candidates.append("packed")
     return candidates
@@ -341,7 +358,7 @@ def _measure(
     kernel_size: int,
 ) -> dict[str, float]:
     """Best seconds of each candidate execution of this layer on this input (:func:`_best_seconds`)."""
-    train = _needs_grad(x, weights, bias)
+    train = needs_gradient(x, weights, bias)
     runs = {
         name: functools.partial(EXECUTE[name], x, weights, subs, stride, bias, kernel_size)
         for name in candidate_executions(x, subs, stride, kernel_size, train)
@@ -394,7 +411,7 @@ def pointwise_key(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[
         x.dtype,
         tuple(x.shape),
         layout,
-        _needs_grad(x, (weight,), bias),
+        needs_gradient(x, (weight,), bias),
         tuple(weight.shape),
         tuple(stride),
         bias is not None,
@@ -406,9 +423,10 @@ def choose_pointwise(
 ) -> str:
     """The execution of a 1x1x1 convolution (:class:`~cakes.ops.pointwise.PointwiseConv3d`), one of
     :data:`POINTWISE_EXECUTIONS`; ``execute(name)`` runs it. In ``benchmark`` mode the first call with
-    a new :func:`pointwise_key` times both and caches the choice (``conv3d``, what ``nn.Conv3d`` runs,
-    is kept unless ``gemm`` is :data:`SWITCH_MARGIN` faster); every other mode, and deterministic
-    algorithms, run ``gemm``."""
+    a new :func:`pointwise_key` times each that can run (``packed`` in inference on channels-last
+    float32 CPU inputs: :func:`cakes.ops.cpu.packed.applies`) and caches the choice (``conv3d``, what
+    ``nn.Conv3d`` runs, is kept unless another is :data:`SWITCH_MARGIN` faster); every other mode,
+    and deterministic algorithms, run ``gemm``."""
     if _State.mode != "benchmark" or torch.are_deterministic_algorithms_enabled():
         return "gemm"
     key = pointwise_key(x, weight, bias, stride)
@@ -416,7 +434,11 @@ def choose_pointwise(
     if found is None:
         train = key[4]
         inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad] if train else None
-        runs = {name: functools.partial(execute, name) for name in POINTWISE_EXECUTIONS}
+        runs = {
+            name: functools.partial(execute, name)
+            for name in POINTWISE_EXECUTIONS
+            if name != "packed" or packed.applies(x, train)
+        }
         times = _best_seconds(runs, inputs, x.device)
         _State.pointwise_timings[key] = times
         found = _State.pointwise_cache[key] = pick(times, keep="conv3d")

@@ -13,9 +13,12 @@ The GEMM can run where :func:`cakes.ops.cpu.switch.channels_last_rewrite_applies
 path's switch on, CPU, no FLOP counter or transform active, a channels-last input, not exporting to
 ONNX: the graph keeps a ``Conv``, which onnxruntime fuses with the norm after it); everywhere else it
 is the plain ``nn.Conv3d``. A strided convolution takes the strided view of its input first. Where it
-can run, the execution plan (:func:`cakes.ops.plan.choose_pointwise`) picks it or the plain
-``F.conv3d`` per input shape: once PyTorch sends the convolution to oneDNN (larger inputs, batch 2),
-oneDNN is the faster of the two for some shapes (docs/performance.md#pointwise-convolutions-and-instance-norms).
+can run, the execution plan (:func:`cakes.ops.plan.choose_pointwise`) picks it, the plain
+``F.conv3d`` or, in inference, a oneDNN convolution with its weight packed once
+(:func:`cakes.ops.cpu.packed.packed_pointwise_conv3d`) per input shape: once PyTorch sends the
+convolution to oneDNN (larger inputs, batch 2), oneDNN is the faster for some shapes
+(docs/performance.md#pointwise-convolutions-and-instance-norms), and a packed weight saves its
+per-call reorder (docs/performance.md#packed-weights-for-inference).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from cakes.ops import plan
+from cakes.ops.cpu import packed
 from cakes.ops.cpu.switch import channels_last_rewrite_applies
 
 
@@ -47,7 +51,11 @@ class PointwiseConv3d(nn.Conv3d):
         return execute(plan.choose_pointwise(x, weight, bias, self.stride, execute))
 
     def _execute(self, x: Tensor, weight: Tensor, bias: Tensor | None, execution: str) -> Tensor:
-        """One of :data:`cakes.ops.plan.POINTWISE_EXECUTIONS` (``gemm`` | ``conv3d``) on a channels-last CPU input."""
+        """One of :data:`cakes.ops.plan.POINTWISE_EXECUTIONS` (``gemm`` | ``conv3d`` | ``packed``) on a
+        channels-last CPU input; ``packed`` where it cannot run (:func:`cakes.ops.cpu.packed.applies`)
+        runs ``gemm``."""
+        if execution == "packed" and packed.applies(x, plan.needs_gradient(x, (weight,), bias)):
+            return packed.packed_pointwise_conv3d(x, weight, bias, self.stride)
         if execution == "conv3d":  # PyTorch's slow path returns NCDHW: the next layers get channels-last
             return super()._conv_forward(x, weight, bias).contiguous(memory_format=torch.channels_last_3d)
         st, sh, sw = self.stride
