@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from cakes.ops.cpu.layout import output_length
 from cakes.ops.subkernel import SubKernel
 
 #: the largest patch matrix (over all groups, in elements) the execution builds: 32 MiB of float32
@@ -36,7 +37,7 @@ MAX_PATCH_ELEMENTS = 1 << 23
 
 def _output_size(shape: Sequence[int], stride: tuple[int, int, int]) -> tuple[int, int, int]:
     """``(T', H', W')`` of an ``(N, C, T, H, W)`` input for odd sub-kernels padded by ``size // 2``."""
-    return tuple((n - 1) // s + 1 for n, s in zip(shape[2:], stride, strict=True))  # type: ignore[return-value]
+    return tuple(output_length(n, s) for n, s in zip(shape[2:], stride, strict=True))  # type: ignore[return-value]
 
 
 def patch_elements(x: Tensor, subs: Sequence[SubKernel], stride: tuple[int, int, int]) -> int:
