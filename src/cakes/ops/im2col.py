@@ -105,13 +105,14 @@ class _Im2colConv3d(torch.autograd.Function):
         *weights: Tensor,
     ) -> Tensor:
         patches = {sub: _patches(x, sub, stride) for sub in dict.fromkeys(subs)}
-        rows = [patches[sub] @ _weight_matrix(w).t() for w, sub in zip(weights, subs, strict=True)]
+        matrices = [_weight_matrix(w) for w in weights]  # made once per call, kept for the backward
+        rows = [patches[sub] @ m.t() for m, sub in zip(matrices, subs, strict=True)]
         out = rows[0] if len(rows) == 1 else torch.cat(rows, 1)  # (N·T'·H'·W', C_out)
         if bias is not None:
             out += bias
         ctx.subs, ctx.stride, ctx.x_meta = subs, stride, (x.shape, x.dtype, x.device)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(*patches.values(), *weights)
+        ctx.save_for_backward(*patches.values(), *matrices)
         out_size = _output_size(x.shape, stride)
         return out.view(x.shape[0], *out_size, out.shape[1]).permute(0, 4, 1, 2, 3)
 
@@ -122,25 +123,26 @@ class _Im2colConv3d(torch.autograd.Function):
         distinct = list(dict.fromkeys(subs))
         saved = ctx.saved_tensors
         patches = dict(zip(distinct, saved[: len(distinct)], strict=True))
-        weights = saved[len(distinct) :]
+        matrices = saved[len(distinct) :]  # (n_g, kT·kH·kW·C) per group
         shape, dtype, device = ctx.x_meta
         grad_rows = grad_out.permute(0, 2, 3, 4, 1).reshape(-1, grad_out.shape[1])  # (positions, C_out)
         grad_x: Tensor | None = None
-        grad_weights: list[Tensor | None] = [None] * len(weights)
+        grad_weights: list[Tensor | None] = [None] * len(matrices)
         padded_grads: dict[tuple[int, int, int], Tensor] = {}  # padding -> padded (N, T+, H+, W+, C) gradient
         start = 0
-        for g, (w, sub) in enumerate(zip(weights, subs, strict=True)):
-            rows = grad_rows[:, start : start + w.shape[0]]
-            start += w.shape[0]
+        for g, (matrix, sub) in enumerate(zip(matrices, subs, strict=True)):
+            n = matrix.shape[0]
+            rows = grad_rows[:, start : start + n]
+            start += n
             if ctx.needs_input_grad[4 + g]:
                 grad_matrix = rows.t() @ patches[sub]  # (n, kT·kH·kW·C), the channels-last weight's bytes
-                grad_weights[g] = grad_matrix.view(w.shape[0], *sub.size, shape[1]).permute(0, 4, 1, 2, 3)
+                grad_weights[g] = grad_matrix.view(n, *sub.size, shape[1]).permute(0, 4, 1, 2, 3)
             if ctx.needs_input_grad[0]:
                 pad = sub.padding
                 if pad not in padded_grads:
-                    padded_size = (n + 2 * p for n, p in zip(shape[2:], pad, strict=True))
+                    padded_size = (length + 2 * p for length, p in zip(shape[2:], pad, strict=True))
                     padded_grads[pad] = torch.zeros(shape[0], *padded_size, shape[1], dtype=dtype, device=device)
-                _scatter_patch_gradients(rows @ _weight_matrix(w), shape, sub, stride, padded_grads[pad])
+                _scatter_patch_gradients(rows @ matrix, shape, sub, stride, padded_grads[pad])
         if ctx.needs_input_grad[0]:
             frames: Tensor | None = None  # (N, T, H, W, C)
             for (pt, ph, pw), padded in padded_grads.items():

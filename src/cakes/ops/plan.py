@@ -71,9 +71,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from cakes.ops.cpu import torch_shim
 from cakes.ops import frames, im2col, time_split
-from cakes.ops.cpu import packed
+from cakes.ops.cpu import packed, torch_shim
 from cakes.ops.cpu.function import cakes_conv3d
 from cakes.ops.reference import dense_weight, grouped_conv3d
 from cakes.ops.subkernel import SubKernel
