@@ -32,6 +32,20 @@ efficiently); ``bound ÷ MAC`` is the whole-network time ÷ MAC an architecture 
 convolutions ran exactly as efficiently per MAC as the baseline's — above 1 whenever the rest of the
 network takes a larger share of the time than of the MACs.
 
+A second table gives the same as rates, against the targets of :data:`TARGETS` (time ÷ MAC ≤ 1.15 in
+training, ≤ 1.10 in inference): the slot convolutions' GMAC/s in the baseline and in the
+architecture, and the GMAC/s the architecture's slot convolutions would need for the whole network
+to meet its target with the rest of the network as timed (``unreachable``: the rest alone takes
+longer than the target allows)::
+
+    slot GMAC/s   = M_slots · passes / (T - T_rest)       passes: 3 in training (forward, input and
+                                                            weight gradients), 1 in inference
+    needed GMAC/s = M_arch slots · passes / (target · MAC ratio · T_base - T_rest)
+
+The header also gives the rate of a reference float32 GEMM (2048², :func:`reference_gemm_rate`) at
+the start and the end of the run: the machine's dense peak to hold the needed rates against, and
+its drift during the run.
+
 A training step is forward + cross-entropy + backward (gradients set to None between steps, no
 optimizer); inference is ``eval()`` under ``no_grad``, with every network's batch norms folded into
 the convolutions before them (``cakes.ops.fold_batch_norms``; ``--no-fold`` keeps them).
@@ -138,6 +152,12 @@ class SlotFree(OperatorFactory):
 
 
 PUBLISHED = [f"ssv1_cakes{s}_{m}" for s in ("12d", "23d", "123d") for m in ("c", "p")]
+#: the whole-network targets, time ratio ÷ MAC ratio at most this per mode (issue #12)
+TARGETS = {"train": 1.15, "eval": 1.10}
+#: MAC passes over the slot convolutions per mode: forward, input gradient, weight gradient
+MAC_PASSES = {"train": 3, "eval": 1}
+RATES_HEADING = "Slot convolutions, GMAC/s (baseline, architecture, needed for the target):"
+SHARING_HEADING = "Sharing one process: each network's step interleaved with the others ÷ back to back:"
 
 
 @dataclass(frozen=True)
@@ -237,6 +257,15 @@ class Timer:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
+
+def reference_gemm_rate(device: torch.device, size: int = 2048, reps: int = 7) -> float:
+    """GMAC/s of a ``size``² float32 GEMM on ``device`` (median of ``reps`` after two warm-ups): the
+    machine's dense rate, which no convolution of the benchmark beats by much."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    timer = Timer(device)
+    seconds = [timer(lambda: a @ b) for _ in range(2 + reps)][2:]
+    return size**3 / statistics.median(seconds) / 1e9
 
 
 def step_fn(
@@ -403,6 +432,8 @@ class Row:
     slot_mac_ratio: float = float("nan")
     #: mode -> seconds (baseline, arch, native baseline, baseline without slot convs); nan: not timed
     ms: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    #: forward GMACs of the baseline's slot convolutions over the whole batch (nan when not measured)
+    base_slot_gmac: float = float("nan")
 
     def ratio(self, mode: str) -> float:
         base, arch, _, _ = self.ms[mode]
@@ -422,6 +453,16 @@ class Row:
         """Whole-network time ÷ MAC with slot convolutions exactly as efficient as the baseline's."""
         base, _, _, rest = self.ms[mode]
         return (rest + (base - rest) * self.slot_mac_ratio) / base / self.mac_ratio
+
+    def slot_rates(self, mode: str) -> tuple[float, float, float]:
+        """GMAC/s of the slot convolutions in ``mode`` (one of :data:`TARGETS`): the baseline's, the
+        architecture's, and what the architecture's would need for the whole network to meet
+        ``TARGETS[mode]`` with the rest as timed (``inf``: the rest alone exceeds the target)."""
+        base, arch, _, rest = self.ms[mode]
+        work = self.base_slot_gmac * MAC_PASSES[mode]
+        arch_work = work * self.slot_mac_ratio
+        budget = TARGETS[mode] * self.mac_ratio * base - rest
+        return work / (base - rest), arch_work / (arch - rest), arch_work / budget if budget > 0 else math.inf
 
 
 def run_pair(track: str, arch: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -496,6 +537,19 @@ def table(rows: list[Row], modes: list[str]) -> str:
             ]
             line += "".join(f" {c} |" for c in cells)
         lines.append(line)
+    return "\n".join(lines)
+
+
+def rates_table(rows: list[Row], modes: list[str]) -> str:
+    """Markdown: per row and targeted mode, :meth:`Row.slot_rates` (GMAC/s)."""
+    targeted = [m for m in modes if m in TARGETS]
+    head = "| shape | arch |" + "".join(
+        f" {m} baseline slots | {m} arch slots | {m} needed for ≤ {TARGETS[m]:.2f} × MAC |" for m in targeted
+    )
+    lines = [head, "|---|---|" + "---:|" * (3 * len(targeted))]
+    for r in rows:
+        cells = ["unreachable" if math.isinf(rate) else number(rate, 0) for m in targeted for rate in r.slot_rates(m)]
+        lines.append(f"| {r.shape} | {r.arch} |" + "".join(f" {c} |" for c in cells))
     return "\n".join(lines)
 
 
@@ -667,6 +721,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average {started}",
         flush=True,
     )
+    reference = [reference_gemm_rate(torch.device(args.device))]
     rows: list[Row] = []
     raw: dict[str, Any] = {}
     one_process: dict[str, dict[str, Any]] = {}  # shape -> the one process's timings
@@ -687,19 +742,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
             timed = (track.baseline, arch, track.baseline + NATIVE, track.baseline + SLOT_FREE)
             medians = {m: tuple(median_or_nan(pair[m], n) for n in timed) for m in modes}
-            row = Row(args.track, spec, arch, ratio, slot_ratio, medians)
+            row = Row(args.track, spec, arch, ratio, slot_ratio, medians, (base_macs - rest_macs) * shape[0] / 1e9)
             rows.append(row)
             print(table([row], modes).splitlines()[-1], flush=True)
+    reference.append(reference_gemm_rate(torch.device(args.device)))
     settings = (
         f"{args.track}, {'one process for all networks' if args.one_process else 'one process per pair'}; "
         f"{machine}; {args.device}, {args.layout}, width {args.width}, "
         f"CPU fast path {fast}, batch norms {'folded' if args.fold else 'kept'} in inference, "
         f"{args.warmup} warm-up + {args.reps} interleaved reps, medians; load average at start {started}, "
-        f"at end {load_text()}"
+        f"at end {load_text()}; reference float32 GEMM 2048²: {reference[0]:.0f} GMAC/s at start, "
+        f"{reference[1]:.0f} at end"
     )
-    text = f"{settings}\n\n{table(rows, modes)}\n"
+    text = f"{settings}\n\n{table(rows, modes)}\n\n{RATES_HEADING}\n\n{rates_table(rows, modes)}\n"
     if one_process:
-        text += f"\n{sharing_table(one_process)}\n"
+        text += f"\n{SHARING_HEADING}\n\n{sharing_table(one_process)}\n"
     print(f"\n{text}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -707,7 +764,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
         write_atomic(
             args.out / f"network_{args.track}.json",
             json.dumps(
-                untimed_as_null({"settings": settings, "rows": [asdict(r) for r in rows], "times": raw}),
+                untimed_as_null(
+                    {
+                        "settings": settings,
+                        "reference_gemm_gmacs": reference,
+                        "rows": [asdict(r) for r in rows],
+                        "times": raw,
+                    }
+                ),
                 indent=1,
                 allow_nan=False,
             ),

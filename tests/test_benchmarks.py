@@ -108,6 +108,7 @@ def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, tr
             network.build(track, "x" + network.SLOT_FREE, width, None), network.parse_shape(track, shape)
         ).macs
     assert 0 < rest < macs[1] and row.slot_mac_ratio == pytest.approx((macs[1] - rest) / (macs[0] - rest))
+    base_slot_macs = macs[0] - rest
     saved = json.loads((tmp_path / f"network_{track}.json").read_text())
     assert f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})" in saved["settings"]  # whose figures
     assert f"commit {git_commit()}" in saved["settings"] and "batch norms folded in inference" in saved["settings"]
@@ -115,7 +116,8 @@ def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, tr
     baseline = network.TRACKS[track].baseline
     timed = (baseline, net, baseline + network.NATIVE, baseline + network.SLOT_FREE)
     assert all(len(times[m][n]) == 2 for m in ("train", "eval") for n in timed)
-    (line,) = table_rows((tmp_path / f"network_{track}.md").read_text())
+    timings, rates = (tmp_path / f"network_{track}.md").read_text().split(network.RATES_HEADING)
+    (line,) = table_rows(timings)
     assert line[:3] == [shape, net, f"{row.mac_ratio:.3f}"]
     assert float(line[7]) == pytest.approx(row.ratio("train"), abs=5e-4)
     base, arch, native, rest = row.ms["train"]
@@ -123,8 +125,29 @@ def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, tr
     slot = (arch - rest) / (base - rest) / row.slot_mac_ratio
     bound = (rest + (base - rest) * row.slot_mac_ratio) / base / row.mac_ratio
     assert float(line[11]) == pytest.approx(slot, abs=5e-3) and float(line[12]) == pytest.approx(bound, abs=5e-3)
+    (rate_line,) = table_rows(rates)  # the slot convolutions' GMAC/s: 3 passes of the slot MACs in training
+    assert rate_line[:2] == [shape, net] and row.base_slot_gmac == pytest.approx(base_slot_macs / 1e9)
+    assert float(rate_line[2]) == pytest.approx(3 * row.base_slot_gmac / (base - rest), abs=0.5)
+    assert float(rate_line[3]) == pytest.approx(3 * row.base_slot_gmac * row.slot_mac_ratio / (arch - rest), abs=0.5)
+    assert saved["reference_gemm_gmacs"][0] > 0 and "reference float32 GEMM 2048²" in saved["settings"]
     assert (tmp_path / f"network_{track}.png").read_bytes()[:4] == b"\x89PNG"
     assert "load average at start" in capsys.readouterr().out
+
+
+def test_network_benchmark_rates_hold_the_whole_network_to_its_target():
+    """The needed slot rate is the one at which the whole network lands exactly on its target; a rest
+    that alone takes longer than the target allows makes it unreachable."""
+    network = load("network")
+    # baseline 1.0 s of which 0.4 s rest; the architecture 0.5 of the MACs, its slots 0.25 of the slots'
+    row = network.Row("video", "8x112:1", "a", 0.5, 0.25, {"train": (1.0, 0.7, 1.0, 0.4)}, base_slot_gmac=12.0)
+    base_rate, arch_rate, needed = row.slot_rates("train")
+    assert base_rate == pytest.approx(36 / 0.6) and arch_rate == pytest.approx(9 / 0.3)
+    arch_at_needed = 0.4 + 9 / needed  # the rest plus the slots at the needed rate
+    assert arch_at_needed / 1.0 / 0.5 == pytest.approx(network.TARGETS["train"])
+    row.ms["eval"] = (1.0, 0.7, 1.0, 0.6)  # 0.6 s rest > 1.10 · 0.5 · 1.0 s
+    assert row.slot_rates("eval")[2] == float("inf")
+    assert "| unreachable |" in network.rates_table([row], ["eval"])
+    assert network.reference_gemm_rate(torch.device("cpu"), size=64, reps=1) > 0
 
 
 def test_network_benchmark_fits_archs_to_any_width_and_checks_its_arguments():
@@ -230,7 +253,7 @@ def test_one_process_run_times_each_network_interleaved_and_back_to_back(tmp_pat
     alone = mixed["back_to_back"]
     assert set(alone) == {"train", "eval"}
     text = (tmp_path / "network_video.md").read_text()
-    sharing = [line for line in table_rows(text) if len(line) == 8]  # shape, network, 3 cells per mode
+    sharing = table_rows(text.split(network.SHARING_HEADING)[1])  # shape, network, 3 cells per mode
     assert [line[1] for line in sharing] == ["C3D", *nets]
     for line in sharing:
         name = line[1]
