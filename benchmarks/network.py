@@ -457,12 +457,14 @@ class Row:
     def slot_rates(self, mode: str) -> tuple[float, float, float]:
         """GMAC/s of the slot convolutions in ``mode`` (one of :data:`TARGETS`): the baseline's, the
         architecture's, and what the architecture's would need for the whole network to meet
-        ``TARGETS[mode]`` with the rest as timed (``inf``: the rest alone exceeds the target)."""
+        ``TARGETS[mode]`` with the rest as timed (``inf``: the rest alone exceeds the target; ``nan``
+        where the rest was not timed, as in one-process runs)."""
         base, arch, _, rest = self.ms[mode]
         work = self.base_slot_gmac * MAC_PASSES[mode]
         arch_work = work * self.slot_mac_ratio
         budget = TARGETS[mode] * self.mac_ratio * base - rest
-        return work / (base - rest), arch_work / (arch - rest), arch_work / budget if budget > 0 else math.inf
+        needed = arch_work / budget if budget > 0 else math.inf if budget <= 0 else math.nan
+        return work / (base - rest), arch_work / (arch - rest), needed
 
 
 def run_pair(track: str, arch: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -147,6 +147,8 @@ def test_network_benchmark_rates_hold_the_whole_network_to_its_target():
     row.ms["eval"] = (1.0, 0.7, 1.0, 0.6)  # 0.6 s rest > 1.10 · 0.5 · 1.0 s
     assert row.slot_rates("eval")[2] == float("inf")
     assert "| unreachable |" in network.rates_table([row], ["eval"])
+    row.ms["eval"] = (1.0, 0.7, float("nan"), float("nan"))  # one-process runs time no slot-free network
+    assert network.rates_table([row], ["eval"]).splitlines()[-1] == "| 8x112:1 | a | – | – | – |"
     assert network.reference_gemm_rate(torch.device("cpu"), size=64, reps=1) > 0
 
 
