@@ -69,8 +69,9 @@ path, run the same command with ``on`` and ``off`` (``CAKES_CONV_PLAN=fused`` pi
 plan so both runs time the fused op).
 
 Writes ``<out>/network_<track>.md`` (table, settings: processor, ISA, commit, machine load) and ``network_<track>.png``
-(time ratio against MAC ratio, one point per architecture and shape, the diagonal "time = MACs"),
-and ``network_<track>.json`` (every timing) when ``--out`` is given.
+(time ratio against MAC ratio, one point per architecture and shape, the diagonal "time = MACs" and
+the target lines), and ``network_<track>.json`` (every timing) when ``--out`` is given.
+``--replot <json>`` redraws a saved run's PNG from its JSON without timing anything.
 """
 
 from __future__ import annotations
@@ -596,6 +597,9 @@ def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
     top = max([1.1] + [r.ratio(m) * 1.05 for r in rows for m in modes] + [r.mac_ratio * 1.05 for r in rows])
     for ax, mode in zip(axes[0], modes, strict=True):
         ax.plot([0, top], [0, top], "k--", lw=1, label="time = MACs")
+        if mode in TARGETS:
+            target = TARGETS[mode]
+            ax.plot([0, top], [0, target * top], color="tab:red", lw=0.8, ls="-.", label=f"target: {target:.2f} × MACs")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="baseline time")
         for r in rows:
             dot = ax.scatter(r.mac_ratio, r.ratio(mode), marker=markers[r.shape], s=36)
@@ -626,8 +630,31 @@ def plot(rows: list[Row], modes: list[str], path: Path, title: str) -> None:
             ylabel="time ratio (arch / all-3D)",
             title=f"{title}: {labels[mode]}",
         )
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")  # the emptiest corner in every saved run
     save_figure(fig, path, dpi=110)
+
+
+def apply_process_settings(args: argparse.Namespace) -> None:
+    """This process's threads and CPU fast path, as the command line asks."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.fast_path is not None:
+        set_fast_path(args.fast_path == "on")  # also sets CAKES_FAST_PATH, which the workers inherit
+
+
+def replot(saved: Path) -> Path:
+    """Redraw the PNG of a saved run from its JSON (``--out``'s ``network_<track>.json``), next to it,
+    without timing anything; returns the PNG's path."""
+    data = json.loads(saved.read_text())
+    rows = []
+    for r in data["rows"]:
+        ms = {m: tuple(float("nan") if t is None else t for t in times) for m, times in r["ms"].items()}
+        rows.append(Row(**{**r, "ms": ms}))
+    if not rows:
+        raise SystemExit(f"--replot: {saved} holds no rows")
+    path = saved.with_suffix(".png")
+    plot(rows, list(rows[0].ms), path, "ResNet-50 I3D" if rows[0].track == "video" else "C2FNAS")
+    return path
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -674,14 +701,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="time inference with the batch norms as modules (default: folded into the convolutions, "
         "cakes.ops.fold_batch_norms, in every network)",
     )
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="redraw the PNG of a saved run from its JSON (times nothing)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.fast_path is not None:
-        set_fast_path(args.fast_path == "on")  # also sets CAKES_FAST_PATH, which the workers inherit
+    if args.replot:
+        print(replot(args.replot))
+        return []
     if args.onnx and "eval" not in args.modes:
         parser.error("--onnx times inference: keep 'eval' in --modes")
+    apply_process_settings(args)
     if args.worker:  # child process of run_pair: time one pair, print the JSON
         track, names, spec = json.loads(args.worker)
         print(json.dumps(time_interleaved(track, names, parse_shape(track, spec), args)))

@@ -132,9 +132,12 @@ def test_network_benchmark_pairs_each_net_with_its_baseline(tmp_path, capsys, tr
     assert saved["reference_gemm_gmacs"][0] > 0 and "reference float32 GEMM 2048²" in saved["settings"]
     assert (tmp_path / f"network_{track}.png").read_bytes()[:4] == b"\x89PNG"
     assert "load average at start" in capsys.readouterr().out
+    (tmp_path / f"network_{track}.png").unlink()  # --replot redraws it from the JSON, timing nothing
+    assert network.main(["--replot", str(tmp_path / f"network_{track}.json")]) == []
+    assert (tmp_path / f"network_{track}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_network_benchmark_rates_hold_the_whole_network_to_its_target():
+def test_network_benchmark_rates_hold_the_whole_network_to_its_target(tmp_path):
     """The needed slot rate is the one at which the whole network lands exactly on its target; a rest
     that alone takes longer than the target allows makes it unreachable."""
     network = load("network")
@@ -147,6 +150,10 @@ def test_network_benchmark_rates_hold_the_whole_network_to_its_target():
     row.ms["eval"] = (1.0, 0.7, 1.0, 0.6)  # 0.6 s rest > 1.10 · 0.5 · 1.0 s
     assert row.slot_rates("eval")[2] == float("inf")
     assert "| unreachable |" in network.rates_table([row], ["eval"])
+    empty = tmp_path / "network_video.json"
+    empty.write_text(json.dumps({"settings": "", "rows": [], "times": {}}))
+    with pytest.raises(SystemExit, match="holds no rows"):
+        network.main(["--replot", str(empty)])
     row.ms["eval"] = (1.0, 0.7, float("nan"), float("nan"))  # one-process runs time no slot-free network
     assert network.rates_table([row], ["eval"]).splitlines()[-1] == "| 8x112:1 | a | – | – | – |"
     assert network.reference_gemm_rate(torch.device("cpu"), size=64, reps=1) > 0
