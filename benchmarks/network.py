@@ -166,11 +166,12 @@ class Track:
     baseline: str
     networks: tuple[str, ...]
     shapes: tuple[str, ...]  # default shapes, "TxS:B" (video) or "S:B" (volume)
+    title: str  # the backbone, as the figure names it
 
 
 TRACKS = {
-    "video": Track("C3D", ("C2D", "P3D", *PUBLISHED), ("8x112:1", "8x112:2", "8x224:1", "8x224:2")),
-    "volume": Track("C2FNAS 3D", ("C2FNAS 2D", "uniform v123d", "found"), ("64:1", "96:1")),
+    "video": Track("C3D", ("C2D", "P3D", *PUBLISHED), ("8x112:1", "8x112:2", "8x224:1", "8x224:2"), "ResNet-50 I3D"),
+    "volume": Track("C2FNAS 3D", ("C2FNAS 2D", "uniform v123d", "found"), ("64:1", "96:1"), "C2FNAS"),
 }
 
 
@@ -645,15 +646,20 @@ def apply_process_settings(args: argparse.Namespace) -> None:
 def replot(saved: Path) -> Path:
     """Redraw the PNG of a saved run from its JSON (``--out``'s ``network_<track>.json``), next to it,
     without timing anything; returns the PNG's path."""
-    data = json.loads(saved.read_text())
-    rows = []
-    for r in data["rows"]:
-        ms = {m: tuple(float("nan") if t is None else t for t in times) for m, times in r["ms"].items()}
-        rows.append(Row(**{**r, "ms": ms}))
+    try:
+        rows = [
+            Row(**{**r, "ms": {m: tuple(math.nan if t is None else t for t in ts) for m, ts in r["ms"].items()}})
+            for r in json.loads(saved.read_text())["rows"]
+        ]
+        known = all(r.track in TRACKS for r in rows)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SystemExit(f"--replot: cannot read {saved} as a network_<track>.json of this script: {error!r}") from None
+    if not known:
+        raise SystemExit(f"--replot: {saved} names a track other than {list(TRACKS)}")
     if not rows:
         raise SystemExit(f"--replot: {saved} holds no rows")
     path = saved.with_suffix(".png")
-    plot(rows, list(rows[0].ms), path, "ResNet-50 I3D" if rows[0].track == "video" else "C2FNAS")
+    plot(rows, list(rows[0].ms), path, TRACKS[rows[0].track].title)
     return path
 
 
@@ -808,8 +814,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 allow_nan=False,
             ),
         )
-        title = "ResNet-50 I3D" if args.track == "video" else "C2FNAS"
-        plot(rows, modes, args.out / f"network_{args.track}.png", title)
+        plot(rows, modes, args.out / f"network_{args.track}.png", track.title)
     return rows
 
 

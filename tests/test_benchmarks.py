@@ -154,6 +154,9 @@ def test_network_benchmark_rates_hold_the_whole_network_to_its_target(tmp_path):
     empty.write_text(json.dumps({"settings": "", "rows": [], "times": {}}))
     with pytest.raises(SystemExit, match="holds no rows"):
         network.main(["--replot", str(empty)])
+    empty.write_text(json.dumps({"rows": [{"track": "video", "ms": {}}]}))  # a row without its fields
+    with pytest.raises(SystemExit, match="cannot read .*network_video.json"):
+        network.main(["--replot", str(empty)])
     row.ms["eval"] = (1.0, 0.7, float("nan"), float("nan"))  # one-process runs time no slot-free network
     assert network.rates_table([row], ["eval"]).splitlines()[-1] == "| 8x112:1 | a | – | – | – |"
     assert network.reference_gemm_rate(torch.device("cpu"), size=64, reps=1) > 0
