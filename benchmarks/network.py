@@ -125,20 +125,38 @@ NATIVE = " (native)"
 SLOT_FREE = " (no slot convs)"
 
 
+class _Subsample(torch.autograd.Function):
+    """``x[:, :, ::s_T, ::s_H, ::s_W]`` in ``x``'s memory layout, whose gradient has that layout too.
+    Slicing's own backward returns an NCDHW gradient: on a channels-last network it sent every layer
+    before a strided slot through mixed-layout ReLU and batch-norm backward kernels (up to 10× slower
+    than on one layout), which no real slot convolution does (their input gradients are channels-last)
+    and which added ~2 % to ResNet-50 I3D's slot-free training step (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tensor:  # type: ignore[override]
+        ctx.shape, ctx.stride = x.shape, stride
+        ctx.layout = CL if x.is_contiguous(memory_format=CL) else torch.contiguous_format
+        st, sh, sw = stride
+        return x[:, :, ::st, ::sh, ::sw].contiguous(memory_format=ctx.layout)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        st, sh, sw = ctx.stride
+        grad_input = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout).zero_()
+        grad_input[:, :, ::st, ::sh, ::sw] = grad
+        return grad_input, None
+
+
 class StridedView(nn.Module):
     """Zero-MAC stand-in for a slot convolution (``in_channels == out_channels``): the input, subsampled
-    by the stride. ``(N, C, T, H, W) -> (N, C, T', H', W')``."""
+    by the stride, in its own layout forward and backward. ``(N, C, T, H, W) -> (N, C, T', H', W')``."""
 
     def __init__(self, channels: int, stride: tuple[int, int, int]) -> None:
         super().__init__()
         self.out_channels, self.stride = channels, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == (1, 1, 1):
-            return x
-        st, sh, sw = self.stride
-        layout = CL if x.is_contiguous(memory_format=CL) else torch.contiguous_format
-        return x[:, :, ::st, ::sh, ::sw].contiguous(memory_format=layout)
+        return x if self.stride == (1, 1, 1) else _Subsample.apply(x, self.stride)
 
 
 class SlotFree(OperatorFactory):

@@ -227,6 +227,26 @@ def test_inference_is_timed_on_folded_copies_of_every_network():
         assert network.inference_copy(net, fold=False) is net and not net.training
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last_3d, torch.contiguous_format])
+def test_slot_free_stand_in_keeps_its_input_layout_forward_and_backward(layout):
+    """The zero-MAC stand-in of a strided slot is the subsampled input, with slicing's values and
+    gradient, and both in the input's layout (as a real slot convolution's input gradient is): a
+    gradient in another layout would time mixed-layout kernels that no real network runs."""
+    network = load("network")
+    view = network.StridedView(4, (1, 2, 2))
+    leaf = torch.randn(1, 4, 3, 6, 6).contiguous(memory_format=layout).requires_grad_()
+    x = leaf * 1  # not a leaf: its hook sees the gradient as the layer before would (a leaf's is re-laid)
+    arrived = []
+    x.register_hook(arrived.append)
+    out = view(x)
+    assert torch.equal(out, leaf[:, :, :, ::2, ::2]) and out.is_contiguous(memory_format=layout)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    (reference,) = torch.autograd.grad(leaf[:, :, :, ::2, ::2], leaf, grad)
+    assert torch.equal(arrived[0], reference) and arrived[0].is_contiguous(memory_format=layout)
+    assert network.StridedView(4, (1, 1, 1))(x) is x  # a stride-1 slot is the input itself
+
+
 def test_network_table_marks_untimed_cells_instead_of_printing_nan():
     """onnxruntime has no native baseline: its cells read ``–``, the timed ones keep their values."""
     network = load("network")
